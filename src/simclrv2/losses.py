@@ -1,0 +1,114 @@
+"""Losses of the SimCLRv2 recipe: NT-Xent (SPEC §3) and distillation (SPEC §6)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from simclrv2.errors import ConfigError
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' ``x`` concatenated along dim 0 (gradients flow back to each rank's own slice),
+    and the offset of this rank's slice. Without an initialised process group: ``(x, 0)``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    import torch.distributed.nn.functional as dist_nn
+
+    parts = dist_nn.all_gather(x)
+    return torch.cat(parts, dim=0), dist.get_rank() * x.shape[0]
+
+
+class NTXentLoss(nn.Module):
+    """Normalised temperature-scaled cross entropy of SimCLR (SPEC §3).
+
+    ``loss(z_a, z_b, extra_negatives=None)`` with ``z_a``, ``z_b``: [N, d], the projections of the
+    two views of the same N images (row i of each is a positive pair). With u = z/||z||,
+    s(i, j) = u_i·u_j / τ, and for each of the 2N anchors i with positive p(i):
+
+        l_i = -log( exp s(i, p(i)) / Σ_{k ≠ i} exp s(i, k) )
+
+    where k runs over the other 2N-1 views of the (global) batch plus, if given, the K rows of
+    ``extra_negatives`` [K, d] (a memory queue; normalised here too, no gradient). Returns the mean
+    of l_i over the 2N anchors: a scalar. (The official TF code returns the sum of the two
+    directions' means, i.e. 2x this value.)
+
+    ``gather_distributed=True``: under torch.distributed, both views of all ranks are gathered as
+    candidates (gradients flow to each rank's own slice); the loss is the mean over this rank's
+    anchors, so that DDP's gradient average equals one process on the global batch.
+    """
+
+    def __init__(self, temperature: float = 0.1, gather_distributed: bool = False):
+        super().__init__()
+        if not temperature > 0:
+            raise ConfigError(f"--temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.gather_distributed = gather_distributed
+
+    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor, extra_negatives: torch.Tensor | None = None) -> torch.Tensor:
+        if z_a.shape != z_b.shape or z_a.dim() != 2:
+            raise ValueError(f"NTXentLoss expects two [N, d] tensors of the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
+        with torch.autocast(z_a.device.type, enabled=False):  # similarities in fp32 even under bf16 autocast
+            return self._loss(z_a, z_b, extra_negatives)
+
+    def _loss(self, z_a: torch.Tensor, z_b: torch.Tensor, extra_negatives: torch.Tensor | None) -> torch.Tensor:
+        n = z_a.shape[0]
+        u = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # [2N, d]: anchors of this rank
+        u_a, u_b = u[:n], u[n:]
+        if self.gather_distributed:
+            all_a, offset = gather_with_grad(u_a)
+            all_b, _ = gather_with_grad(u_b)
+        else:
+            all_a, all_b, offset = u_a, u_b, 0
+        m = all_a.shape[0]
+        candidates = torch.cat([all_a, all_b])  # [2M, d]
+        logits = u @ candidates.T / self.temperature  # [2N, 2M]
+        idx = torch.arange(n, device=u.device) + offset
+        self_cols = torch.cat([idx, idx + m])
+        positive_cols = torch.cat([idx + m, idx])
+        logits = logits.masked_fill(F.one_hot(self_cols, 2 * m).bool(), float("-inf"))
+        if extra_negatives is not None and extra_negatives.numel():
+            q = F.normalize(extra_negatives.detach().float(), dim=1)
+            logits = torch.cat([logits, u @ q.T / self.temperature], dim=1)
+        return F.cross_entropy(logits, positive_cols)
+
+
+class DistillationLoss(nn.Module):
+    """Distillation with temperature τ and an optional mix with the true labels (SPEC §6).
+
+    ``loss(student_logits, teacher_logits, labels=None)``; logits [N, C], labels [N] int (-1 = unlabeled).
+
+        L_distill = mean_x [ -Σ_y P_T(y|x; τ) log P_S(y|x; τ) ],  P(y|x; τ) = softmax(logits / τ)
+        L = (1 - α) · CE(student_logits, labels) + α · L_distill
+
+    CE is the mean over the labelled rows (label >= 0); with α = 1 (default) labels are unused.
+    The teacher is fixed: no gradient flows into ``teacher_logits``.
+    """
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 1.0):
+        super().__init__()
+        if not temperature > 0:
+            raise ConfigError(f"--temperature must be > 0, got {temperature}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"--alpha must be in [0, 1], got {alpha}")
+        self.temperature = temperature
+        self.alpha = alpha
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        t = self.temperature
+        p_teacher = F.softmax(teacher_logits.detach().float() / t, dim=1)
+        log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
+        loss = -(p_teacher * log_p_student).sum(dim=1).mean()
+        if self.alpha < 1.0:
+            if labels is None:
+                raise ValueError("DistillationLoss with alpha < 1 needs labels")
+            labelled = labels >= 0
+            ce = (
+                F.cross_entropy(student_logits.float()[labelled], labels[labelled])
+                if labelled.any()
+                else student_logits.sum() * 0.0
+            )
+            loss = (1.0 - self.alpha) * ce + self.alpha * loss
+        return loss

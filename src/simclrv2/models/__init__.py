@@ -1,0 +1,16 @@
+"""Encoders (ResNet/SK), projection head, pretraining and classification models."""
+
+from simclrv2.models.head import Classifier, ProjectionHead, SimCLRModel
+from simclrv2.models.resnet import ResNet, build_resnet, resnet18, resnet50, resnet101, resnet152
+
+__all__ = [
+    "Classifier",
+    "ProjectionHead",
+    "ResNet",
+    "SimCLRModel",
+    "build_resnet",
+    "resnet18",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+]

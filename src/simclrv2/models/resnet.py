@@ -1,0 +1,225 @@
+"""ResNet encoders of SimCLRv2 (SPEC §1), with torchvision's module names.
+
+One configurable class, :class:`ResNet`, covers every variant: basic or bottleneck blocks, any
+width multiplier (fractional too), selective kernels (SK) with the ResNet-D stem and
+average-pool shortcuts, and the small-image stem. :func:`build_resnet` is the factory.
+
+Names follow torchvision (``conv1``, ``bn1``, ``layer1``..``layer4``, ``downsample``) so that
+weights are easy to read and convert. The SK stem replaces ``conv1`` by a ``stem`` Sequential.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simclrv2.errors import ConfigError
+
+# SPEC §1: TF momentum 0.9 == PyTorch momentum 0.1.
+BN_MOMENTUM = 0.1
+BN_EPS = 1e-5
+SK_RATIO = 0.0625
+SK_MIN_DIM = 32
+
+STAGES = {
+    18: ("basic", [2, 2, 2, 2]),
+    34: ("basic", [3, 4, 6, 3]),
+    50: ("bottleneck", [3, 4, 6, 3]),
+    101: ("bottleneck", [3, 4, 23, 3]),
+    152: ("bottleneck", [3, 8, 36, 3]),
+}
+
+
+def batch_norm(channels: int, zero_init: bool = False) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+    if zero_init:
+        nn.init.zeros_(bn.weight)
+    return bn
+
+
+def scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+class SelectiveKernel(nn.Module):
+    """SK convolution (SPEC §1): two 3x3 branches from one conv, mixed by a softmax attention.
+
+    x -> conv3x3(2C) -> BN -> ReLU -> split in 2 -> attention from the pooled sum -> weighted sum (C).
+    """
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, sk_ratio: float = SK_RATIO):
+        super().__init__()
+        self.channels = channels
+        self.conv = nn.Conv2d(in_channels, 2 * channels, 3, stride, 1, bias=False)
+        self.bn = batch_norm(2 * channels)
+        mid = max(int(channels * sk_ratio), SK_MIN_DIM)
+        self.fc1 = nn.Conv2d(channels, mid, 1, bias=False)
+        self.fc_bn = batch_norm(mid)
+        self.fc2 = nn.Conv2d(mid, 2 * channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        a, b = x.chunk(2, dim=1)
+        g = (a + b).mean(dim=(2, 3), keepdim=True)
+        g = F.relu(self.fc_bn(self.fc1(g)))
+        w = self.fc2(g).unflatten(1, (2, self.channels)).softmax(dim=1)
+        return a * w[:, 0] + b * w[:, 1]
+
+
+def shortcut(in_channels: int, out_channels: int, stride: int, avg_pool: bool) -> nn.Module | None:
+    """Projection shortcut: strided 1x1 conv, or (ResNet-D, with SK) 2x2 avg-pool then a stride-1 1x1 conv."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    if avg_pool:
+        pool = nn.AvgPool2d(2, stride) if stride > 1 else nn.Identity()
+        return nn.Sequential(pool, nn.Conv2d(in_channels, out_channels, 1, bias=False), batch_norm(out_channels))
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), batch_norm(out_channels))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, selective_kernel: bool = False):
+        super().__init__()
+        out = channels * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = batch_norm(channels)
+        self.conv2 = nn.Conv2d(channels, out, 3, 1, 1, bias=False)
+        self.bn2 = batch_norm(out, zero_init=True)
+        self.downsample = shortcut(in_channels, out, stride, avg_pool=selective_kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + identity)
+
+
+class Bottleneck(nn.Module):
+    """Post-activation bottleneck, stride on the 3x3 conv (SPEC §1); the 3x3 becomes SK when enabled."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, selective_kernel: bool = False):
+        super().__init__()
+        out = channels * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False)
+        self.bn1 = batch_norm(channels)
+        if selective_kernel:
+            # SK carries its own BN-ReLU, so there is no bn2 (as in the official tf2/resnet.py).
+            self.conv2 = SelectiveKernel(channels, channels, stride)
+            self.bn2 = None
+        else:
+            self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)
+            self.bn2 = batch_norm(channels)
+        self.conv3 = nn.Conv2d(channels, out, 1, bias=False)
+        self.bn3 = batch_norm(out, zero_init=True)
+        self.downsample = shortcut(in_channels, out, stride, avg_pool=selective_kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.conv2(y)
+        if self.bn2 is not None:
+            y = F.relu(self.bn2(y))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + identity)
+
+
+class ResNet(nn.Module):
+    """Images [B, C, H, W] -> globally average-pooled features [B, out_dim]."""
+
+    def __init__(
+        self,
+        depth: int = 50,
+        width_multiplier: float = 1.0,
+        selective_kernel: bool = False,
+        small_images: bool = False,
+        in_channels: int = 3,
+    ):
+        super().__init__()
+        if depth not in STAGES:
+            raise ConfigError(f"--depth {depth} is not supported; expected one of {sorted(STAGES)}")
+        if not (width_multiplier > 0 and scaled(64, width_multiplier) >= 1):
+            raise ConfigError(f"--width {width_multiplier} is not supported; expected a positive multiplier such as 0.25, 1, 2, 3")
+        self.config = dict(
+            depth=depth,
+            width_multiplier=width_multiplier,
+            selective_kernel=selective_kernel,
+            small_images=small_images,
+            in_channels=in_channels,
+        )
+        kind, blocks = STAGES[depth]
+        block = BasicBlock if kind == "basic" else Bottleneck
+        w = width_multiplier
+        stem_out = scaled(64, w)
+
+        if small_images:
+            # CIFAR-style stem: 3x3 stride 1, no max-pool.
+            self.conv1 = nn.Conv2d(in_channels, stem_out, 3, 1, 1, bias=False)
+            self.bn1 = batch_norm(stem_out)
+            self.maxpool = nn.Identity()
+        elif selective_kernel:
+            # ResNet-D deep stem: three 3x3 convs (32w, 32w, 64w), the first strided.
+            half = scaled(32, w)
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, half, 3, 2, 1, bias=False), batch_norm(half), nn.ReLU(inplace=True),
+                nn.Conv2d(half, half, 3, 1, 1, bias=False), batch_norm(half), nn.ReLU(inplace=True),
+                nn.Conv2d(half, stem_out, 3, 1, 1, bias=False),
+            )
+            self.conv1 = None
+            self.bn1 = batch_norm(stem_out)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, stem_out, 7, 2, 3, bias=False)
+            self.bn1 = batch_norm(stem_out)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+
+        channels = stem_out
+        for i, n in enumerate(blocks):
+            width = scaled(64 * 2**i, w)
+            stride = 1 if i == 0 else 2
+            layers = []
+            for j in range(n):
+                layers.append(block(channels, width, stride if j == 0 else 1, selective_kernel))
+                channels = width * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
+        self.out_dim = channels
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x) if self.conv1 is not None else self.stem(x)
+        x = self.maxpool(F.relu(self.bn1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x.mean(dim=(2, 3))
+
+
+def build_resnet(
+    depth: int = 50,
+    width_multiplier: float = 1.0,
+    selective_kernel: bool = False,
+    small_images: bool = False,
+    in_channels: int = 3,
+) -> ResNet:
+    """The SimCLRv2 encoder: ResNet-{18,34,50,101,152}, width w, optional SK, optional small-image stem."""
+    return ResNet(depth, width_multiplier, selective_kernel, small_images, in_channels)
+
+
+def resnet50(width_multiplier: float = 1.0, selective_kernel: bool = False, **kw) -> ResNet:
+    return build_resnet(50, width_multiplier, selective_kernel, **kw)
+
+
+def resnet101(width_multiplier: float = 1.0, selective_kernel: bool = False, **kw) -> ResNet:
+    return build_resnet(101, width_multiplier, selective_kernel, **kw)
+
+
+def resnet152(width_multiplier: float = 1.0, selective_kernel: bool = False, **kw) -> ResNet:
+    return build_resnet(152, width_multiplier, selective_kernel, **kw)
+
+
+def resnet18(width_multiplier: float = 1.0, **kw) -> ResNet:
+    return build_resnet(18, width_multiplier, **kw)

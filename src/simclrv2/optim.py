@@ -1,0 +1,117 @@
+"""LARS and the learning-rate schedule (SPEC §4), following the official tf2/lars_optimizer.py."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from simclrv2.errors import ConfigError
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights (decay + layer adaptation) and biases/BN parameters (neither).
+
+    The official code excludes variables named 'bias' or 'batch_normalization'; in PyTorch those are
+    exactly the parameters with fewer than 2 dimensions.
+    """
+    adapted, excluded = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (adapted if p.ndim > 1 else excluded).append(p)
+    return [
+        {"params": adapted, "weight_decay": weight_decay, "layer_adaptation": True},
+        {"params": excluded, "weight_decay": 0.0, "layer_adaptation": False},
+    ]
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise adaptive rate scaling with momentum (You et al. 2017), as in SimCLR.
+
+    For each parameter w with gradient g (per group: ``weight_decay`` λ, ``layer_adaptation``):
+
+        g  <- g + λ w
+        r  =  η ||w|| / ||g||  if layer_adaptation and both norms > 0, else 1
+        v  <- m v + lr · r · g
+        w  <- w - v
+
+    with momentum m = 0.9 and trust coefficient η = 0.001. The learning rate sits inside the
+    momentum buffer (as in the official code), so with a constant lr an excluded parameter steps
+    exactly like PyTorch's momentum SGD.
+    """
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, layer_adaptation: bool = True):
+        if lr < 0:
+            raise ConfigError(f"--lr must be >= 0, got {lr}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, layer_adaptation=layer_adaptation)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            if group["layer_adaptation"]:
+                w_norms = torch.stack(torch._foreach_norm(params))
+                g_norms = torch.stack(torch._foreach_norm(grads))
+                ratio = torch.where(
+                    (w_norms > 0) & (g_norms > 0),
+                    group["trust_coefficient"] * w_norms / g_norms.clamp_min(1e-30),
+                    torch.ones_like(w_norms),
+                )
+                scales = (ratio * group["lr"]).unbind()
+                grads = torch._foreach_mul(grads, scales)
+            else:
+                grads = torch._foreach_mul(grads, group["lr"])
+            bufs = []
+            for p, g in zip(params, grads):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_sub_(params, bufs)
+        return loss
+
+
+def scale_lr(base_lr: float, batch_size: int, scaling: str) -> float:
+    """'linear': base·B/256; 'sqrt': base·√B (SPEC §4: 0.1·√B for pretraining); 'none': base."""
+    if scaling == "linear":
+        return base_lr * batch_size / 256
+    if scaling == "sqrt":
+        return base_lr * math.sqrt(batch_size)
+    if scaling == "none":
+        return base_lr
+    raise ConfigError(f"--lr-scaling must be one of linear, sqrt, none; got {scaling!r}")
+
+
+class WarmupCosine:
+    """lr(step): linear warm-up from 0 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+
+    def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int = 0):
+        self.peak_lr = peak_lr
+        self.total_steps = max(1, total_steps)
+        self.warmup_steps = min(warmup_steps, self.total_steps)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.peak_lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return self.peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
