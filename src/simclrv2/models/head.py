@@ -73,16 +73,25 @@ class ProjectionHead(nn.Module):
 
 
 class SimCLRModel(nn.Module):
-    """Encoder + projection head: images -> (features h, projections z)."""
+    """Encoder + projection head: images -> (features h, projections z).
 
-    def __init__(self, encoder: nn.Module, head_layers: int = 3, proj_dim: int = 128):
+    ``probe_classes``: also hold an online linear probe (``probe``) for monitoring; it is trained
+    on stop-gradient features by the pretraining stage and is not part of the forward pass.
+    """
+
+    def __init__(self, encoder: nn.Module, head_layers: int = 3, proj_dim: int = 128, probe_classes: int | None = None):
         super().__init__()
         self.encoder = encoder
         self.head = ProjectionHead(encoder.out_dim, head_layers, proj_dim)
+        self.probe = nn.Linear(encoder.out_dim, probe_classes) if probe_classes else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, probe: bool = False):
+        """(h, z); with ``probe=True`` also the probe's logits on stop-gradient h (None without a probe)."""
         h = self.encoder(x)
-        return h, self.head(h)
+        z = self.head(h)
+        if not probe:
+            return h, z
+        return h, z, (self.probe(h.detach()) if self.probe is not None else None)
 
 
 class Classifier(nn.Module):

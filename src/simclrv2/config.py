@@ -1,0 +1,261 @@
+"""Configuration as plain data: one dataclass per stage, presets as YAML, CLI overrides.
+
+Resolution order: dataclass defaults < preset (top-level keys, then the stage's section) < explicit
+options. Every run writes its resolved config to ``OUT/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from simclrv2.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    """Options every training stage shares."""
+
+    out: str = ""
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    image_size: int | None = None  # None: the dataset's native size
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp32
+    channels_last: bool = False
+    compile: bool = False
+    workers: int = 2  # decode workers for on-disk image folders
+    resume: bool = False
+    epochs: float = 10
+    batch_size: int = 256  # global batch (all processes together)
+    lr: float = 0.1  # base learning rate, scaled by lr_scaling
+    lr_scaling: str = "sqrt"  # sqrt (lr·√B) | linear (lr·B/256) | none
+    warmup_fraction: float = 0.0
+    weight_decay: float = 0.0
+    optimizer: str = "lars"  # lars | sgd
+    label_fraction: float | None = 0.01
+    labels_per_class: int | None = None
+    subset_file: str | None = None
+    sync_bn: bool = True  # global BatchNorm across processes
+    checkpoint_every: int = 200  # steps
+    log_every: int = 50  # steps
+    eval_batch_size: int = 500
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    epochs: float = 100
+    batch_size: int = 512
+    lr: float = 0.1
+    lr_scaling: str = "sqrt"
+    warmup_fraction: float = 0.05
+    weight_decay: float = 1e-4
+    depth: int = 50
+    width: float = 1.0
+    sk: bool = False
+    head_layers: int = 3
+    proj_dim: int = 128
+    temperature: float = 0.1
+    color_strength: float = 1.0
+    blur: bool = True
+    crop_min: float = 0.08
+    memory_size: int = 0  # 0: off; else the FIFO queue length of EMA keys (MoCo-style)
+    memory_decay: float = 0.999
+    probe: bool = True  # online linear probe on stop-gradient features (labeled subset)
+    knn_every: float = 1  # epochs between kNN evaluations on the test split (0: off)
+    knn_k: int = 200
+    knn_train_size: int = 10000
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    pretrained: str = ""
+    head_layer: int | None = None  # None: 1 when labels <= 10%, else 0
+    epochs: float = 60
+    batch_size: int = 1024
+    lr: float = 0.005
+    lr_scaling: str = "sqrt"
+    warmup_fraction: float = 0.0
+    weight_decay: float = 0.0
+    crop_min: float = 0.08
+    pad_crop: int = 0  # > 0: pad-and-crop instead of a resized crop (CIFAR-style)
+
+
+@dataclass
+class SupervisedConfig(RunConfig):
+    """The baseline: the same classifier trained from scratch on the labeled subset only."""
+
+    depth: int = 50
+    width: float = 1.0
+    sk: bool = False
+    epochs: float = 100
+    batch_size: int = 256
+    lr: float = 0.1
+    lr_scaling: str = "linear"
+    warmup_fraction: float = 0.05
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    crop_min: float = 0.08
+    pad_crop: int = 0
+
+
+@dataclass
+class DistillConfig(RunConfig):
+    teacher: str = ""
+    depth: int | None = None  # student; None: the teacher's (self-distillation)
+    width: float | None = None
+    sk: bool | None = None
+    temperature: float | None = None  # None: 0.1 for self-distillation, 1.0 for big-to-small
+    alpha: float = 1.0  # weight of the distillation loss; 1 - alpha on the true labels
+    init_from: str | None = None  # optional checkpoint to initialise the student's encoder
+    epochs: float = 400
+    batch_size: int = 512
+    lr: float = 0.1
+    lr_scaling: str = "sqrt"
+    warmup_fraction: float = 0.05
+    weight_decay: float = 1e-4
+    crop_min: float = 0.08
+    pad_crop: int = 0
+
+
+@dataclass
+class LinearEvalConfig(RunConfig):
+    pretrained: str = ""
+    head_layer: int = 0
+    epochs: float = 90
+    batch_size: int = 512
+    lr: float = 0.1
+    lr_scaling: str = "linear"
+    weight_decay: float = 0.0
+    optimizer: str = "sgd"
+    label_fraction: float | None = 1.0
+    crop_min: float = 0.08
+    pad_crop: int = 0
+
+
+STAGE_CONFIGS = {
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "supervised": SupervisedConfig,
+    "distill": DistillConfig,
+    "linear_eval": LinearEvalConfig,
+}
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cheap checks of option values, before any work starts."""
+    def bad(opt, msg):
+        raise ConfigError(f"--{opt.replace('_', '-')} {msg}")
+
+    if cfg.label_fraction is not None and not 0 < cfg.label_fraction <= 1:
+        bad("label_fraction", f"must be in (0, 1], got {cfg.label_fraction}")
+    if cfg.labels_per_class is not None and cfg.labels_per_class < 1:
+        bad("labels_per_class", f"must be >= 1, got {cfg.labels_per_class}")
+    if cfg.epochs <= 0:
+        bad("epochs", f"must be > 0, got {cfg.epochs}")
+    if cfg.batch_size < 2:
+        bad("batch_size", f"must be >= 2, got {cfg.batch_size}")
+    if cfg.lr < 0:
+        bad("lr", f"must be >= 0, got {cfg.lr}")
+    if cfg.lr_scaling not in ("sqrt", "linear", "none"):
+        bad("lr_scaling", f"must be sqrt, linear or none, got {cfg.lr_scaling!r}")
+    if cfg.optimizer not in ("lars", "sgd"):
+        bad("optimizer", f"must be lars or sgd, got {cfg.optimizer!r}")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        bad("precision", f"must be auto, bf16 or fp32, got {cfg.precision!r}")
+    if not 0 <= cfg.warmup_fraction < 1:
+        bad("warmup_fraction", f"must be in [0, 1), got {cfg.warmup_fraction}")
+    if cfg.weight_decay < 0:
+        bad("weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    for name in ("temperature",):
+        t = getattr(cfg, name, None)
+        if t is not None and t <= 0:
+            bad(name, f"must be > 0, got {t}")
+    if getattr(cfg, "crop_min", 0.5) is not None and not 0 < getattr(cfg, "crop_min", 0.5) <= 1:
+        bad("crop_min", f"must be in (0, 1], got {cfg.crop_min}")
+    if isinstance(cfg, DistillConfig) and not 0 <= cfg.alpha <= 1:
+        bad("alpha", f"must be in [0, 1], got {cfg.alpha}")
+    if isinstance(cfg, PretrainConfig):
+        if cfg.memory_size < 0:
+            bad("memory_size", f"must be >= 0, got {cfg.memory_size}")
+        if not 0 <= cfg.memory_decay < 1:
+            bad("memory_decay", f"must be in [0, 1), got {cfg.memory_decay}")
+    for name in ("depth",):
+        d = getattr(cfg, name, None)
+        if d is not None and d not in (18, 34, 50, 101, 152):
+            bad(name, f"{d} is not supported; expected one of 18, 34, 50, 101, 152")
+    w = getattr(cfg, "width", None)
+    if w is not None and not (w > 0 and round(64 * w) >= 1):
+        bad("width", f"{w} is not supported; expected a positive multiplier such as 0.25, 1, 2, 3")
+
+
+# ---------------------------------------------------------------- presets
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("simclrv2.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name_or_path: str | None) -> dict[str, Any]:
+    if not name_or_path:
+        return {}
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        text = path.read_text()
+    else:
+        candidates = preset_names()
+        if name_or_path not in candidates:
+            raise ConfigError(f"--preset {name_or_path!r} is unknown; expected one of {', '.join(candidates)} or a .yaml file")
+        text = resources.files("simclrv2.presets").joinpath(f"{name_or_path}.yaml").read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--preset {name_or_path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--preset {name_or_path}: expected a mapping at the top level")
+    return data
+
+
+def stage_values(preset: dict[str, Any], stage: str) -> dict[str, Any]:
+    """A stage's view of a preset: shared top-level scalars, then the stage's own section."""
+    cls = STAGE_CONFIGS[stage]
+    names = {f.name for f in fields(cls)}
+    values = {k: v for k, v in preset.items() if k in names and not isinstance(v, dict)}
+    section = preset.get(stage) or {}
+    unknown = set(section) - names
+    if unknown:
+        raise ConfigError(f"preset section {stage!r} has unknown option(s): {', '.join(sorted(unknown))}")
+    values.update(section)
+    return values
+
+
+def make_config(stage: str, preset: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
+    cls = STAGE_CONFIGS[stage]
+    values = stage_values(preset or {}, stage)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    names = {f.name for f in fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"{stage}: unknown option(s) {', '.join(sorted(unknown))}")
+    cfg = cls(**values)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+__all__ = [
+    "DistillConfig", "FinetuneConfig", "LinearEvalConfig", "PretrainConfig", "RunConfig", "STAGE_CONFIGS",
+    "SupervisedConfig", "dump", "field", "load_preset", "make_config", "preset_names", "stage_values", "to_dict", "validate",
+]

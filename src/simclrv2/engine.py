@@ -1,0 +1,331 @@
+"""The one training loop every stage uses.
+
+A stage supplies a :class:`Task` (what one step computes); :func:`fit` does the rest: data order,
+learning-rate schedule, optimiser, precision, DDP, logging and progress, atomic checkpoints,
+resume, and the divergence check. Everything that decides a step's result is a function of
+(seed, step), so a resumed run replays exactly the schedule, data order and augmentations of an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simclrv2 import checkpoint as ckpt
+from simclrv2.config import RunConfig, dump, to_dict
+from simclrv2.data import ImageDataset
+from simclrv2.errors import CheckpointError, ConfigError, DivergenceError
+from simclrv2.optim import LARS, WarmupCosine, param_groups, scale_lr, set_lr
+from simclrv2.runtime import Runtime, log
+
+
+class Task:
+    """What a stage trains. Subclasses set ``model`` and implement ``loss``.
+
+    ``net`` is what the step calls: ``model`` itself, or its DDP wrapper under torchrun.
+    """
+
+    model: nn.Module
+    net: nn.Module
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def train(self) -> None:
+        """Put the model in training mode (stages with frozen parts override)."""
+        self.model.train()
+
+    def after_step(self) -> None:
+        """Called after each optimiser step (EMA updates, queues)."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        return {}
+
+
+@dataclass
+class FitResult:
+    out_dir: Path
+    steps: int
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """The augmentation RNG of one step: a pure function of (seed, step, rank)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63))
+    return g
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class BatchStream:
+    """The global batches of an epoch in a seeded order; each process takes its own slice.
+
+    In-memory datasets are indexed directly (one vectorised gather per batch); on-disk ones are
+    decoded by DataLoader worker processes.
+    """
+
+    def __init__(self, data: ImageDataset, global_batch: int, seed: int, rt: Runtime, workers: int):
+        self.data, self.global_batch, self.seed, self.rt, self.workers = data, global_batch, seed, rt, workers
+        self.local_batch = global_batch // rt.world_size
+        self.steps_per_epoch = len(data) // global_batch
+
+    def _local_indices(self, epoch: int, first: int) -> list[np.ndarray]:
+        order = epoch_order(len(self.data), self.seed, epoch)
+        out = []
+        for i in range(first, self.steps_per_epoch):
+            batch = order[i * self.global_batch:(i + 1) * self.global_batch]
+            out.append(batch[self.rt.rank * self.local_batch:(self.rt.rank + 1) * self.local_batch])
+        return out
+
+    def epoch(self, epoch: int, first: int = 0):
+        batches = self._local_indices(epoch, first)
+        pin = self.rt.device.type == "cuda"
+        if self.data.in_memory:
+            for idx in batches:
+                images, labels = self.data.get_batch(idx)
+                yield images.to(self.rt.device, non_blocking=pin), labels.to(self.rt.device, non_blocking=pin)
+        else:
+            loader = torch.utils.data.DataLoader(
+                self.data, batch_sampler=[b.tolist() for b in batches], num_workers=self.workers,
+                pin_memory=pin, persistent_workers=False, prefetch_factor=4 if self.workers else None,
+            )
+            for images, labels in loader:
+                yield images.to(self.rt.device, non_blocking=pin), labels.to(self.rt.device, non_blocking=pin)
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=0.0, momentum=0.9)
+    for g in groups:
+        g.pop("layer_adaptation")
+    return torch.optim.SGD(groups, lr=0.0, momentum=0.9, nesterov=True)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    index = {id(p): i for i, p in enumerate(params)}
+    return {f"optim.{index[id(p)]}": s["momentum_buffer"] for p, s in opt.state.items() if s.get("momentum_buffer") is not None}
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, params: list[nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    for k, v in ckpt.subdict(tensors, "optim.").items():
+        p = params[int(k)]
+        opt.state[p]["momentum_buffer"] = v.to(p.device, p.dtype).clone()
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain log lines every ``log_every`` steps otherwise."""
+
+    def __init__(self, total: int, start: int, desc: str, enabled: bool, log_every: int):
+        self.bar = None
+        self.log_every = log_every
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty() and log.isEnabledFor(20):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+        self.desc = desc
+        self.total = total
+
+    def update(self, step: int, info: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % max(1, self.log_every // 5) == 0 or step == self.total:
+                self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items()}, refresh=False)
+        elif self.enabled and (step % self.log_every == 0 or step == self.total):
+            items = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
+            log.info(f"{self.desc} step {step}/{self.total} {items}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: str | Path, stage: str,
+        meta: dict[str, Any]) -> FitResult:
+    """Train ``task`` on ``data`` per ``cfg``; checkpoints in ``out_dir`` (last.*, final.*).
+
+    ``meta`` (model spec, classes, ...) is stored in every checkpoint's JSON.
+    """
+    out = Path(out_dir)
+    if cfg.batch_size % rt.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {rt.world_size} processes")
+    stream = BatchStream(data, cfg.batch_size, cfg.seed, rt, cfg.workers)
+    if stream.steps_per_epoch == 0:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training images of stage {stage}")
+    steps_per_epoch = stream.steps_per_epoch
+    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    peak_lr = scale_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
+    schedule = WarmupCosine(peak_lr, total, int(round(cfg.warmup_fraction * total)))
+
+    model = task.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(model, cfg)
+
+    start = 0
+    last = out / "last.safetensors"
+    if cfg.resume and last.exists():
+        tensors, saved = ckpt.load_checkpoint(last)
+        if saved.get("total_steps") != total or saved.get("stage") != stage:
+            raise CheckpointError(f"{last}: cannot resume: it is stage {saved.get('stage')!r} with {saved.get('total_steps')} steps, "
+                                  f"this run is {stage!r} with {total} steps (same options needed)")
+        ckpt.load_state(model, ckpt.subdict(tensors, "model."), last, "model")
+        load_optimizer_tensors(opt, params, tensors)
+        task.load_extra_state(ckpt.subdict(tensors, "extra."))
+        start = int(saved["step"])
+        if rt.is_main:
+            log.info(f"{stage}: resuming from {last} at step {start}/{total}")
+    elif rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        # a fresh start must not leave an older run's resume point behind
+        for name in ("last.safetensors", "last.json", "metrics.jsonl"):
+            (out / name).unlink(missing_ok=True)
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(out / "config.yaml", dump(cfg))
+    rt.barrier()
+
+    def save(name: str, step: int, metrics: dict[str, Any]) -> None:
+        if not rt.is_main:
+            return
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        if name == "last":
+            tensors.update(optimizer_tensors(opt, params))
+            tensors.update({f"extra.{k}": v for k, v in task.extra_state().items()})
+        info = dict(meta, stage=stage, step=step, epoch=step / steps_per_epoch, total_steps=total,
+                    steps_per_epoch=steps_per_epoch, config=to_dict(cfg), metrics=metrics, complete=name == "final")
+        ckpt.save_checkpoint(out / name, tensors, info)
+
+    metrics_file = (out / "metrics.jsonl").open("a") if rt.is_main else None
+    history: list[dict[str, Any]] = []
+
+    def record(row: dict[str, Any]) -> None:
+        history.append(row)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+
+    progress = Progress(total, start, stage, rt.is_main, cfg.log_every)
+    task.train()
+    t0 = time.perf_counter()
+    t_window, n_window = time.perf_counter(), 0
+    loss_sum = torch.zeros((), device=rt.device)
+    last_good = start
+    step = start
+    try:
+        while step < total:
+            epoch, first = divmod(step, steps_per_epoch)
+            for images, labels in stream.epoch(epoch, first):
+                lr = schedule(step)
+                set_lr(opt, lr)
+                gen = step_generator(cfg.seed, step, rt.rank, rt.device)
+                with rt.autocast():
+                    loss, parts = task.loss(images, labels, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                task.after_step()
+                loss_sum += loss.detach()
+                step += 1
+                n_window += images.shape[0] * rt.world_size
+
+                epoch_end = step % steps_per_epoch == 0 or step == total
+                if step % cfg.log_every == 0 or epoch_end or step % cfg.checkpoint_every == 0:
+                    mean_loss = loss_sum.item() / (step - last_good)
+                    if not math.isfinite(mean_loss):
+                        raise DivergenceError(
+                            f"{stage}: the loss became non-finite between steps {last_good} and {step}; "
+                            f"the last good checkpoint is {last if last.exists() else 'none'}; try a lower --lr or check the data")
+                    now = time.perf_counter()
+                    row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss, "lr": lr,
+                           "images_per_s": n_window / max(now - t_window, 1e-9)}
+                    row.update({k: float(v) for k, v in parts.items()})
+                    loss_sum.zero_()
+                    last_good, t_window, n_window = step, now, 0
+                    if epoch_end:
+                        row.update(task.on_epoch_end(step // steps_per_epoch))
+                        task.train()
+                    record(row)
+                    progress.update(step, {k: row[k] for k in ("epoch", "loss", "lr", "images_per_s") if k in row})
+                    if step % cfg.checkpoint_every == 0 or epoch_end:
+                        save("last", step, row)
+                else:
+                    progress.update(step, {})
+                if step >= total:
+                    break
+    finally:
+        progress.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    seconds = time.perf_counter() - t0
+    save("final", total, history[-1] if history else {})
+    rt.barrier()
+    return FitResult(out, total, seconds, history)
+
+
+# ------------------------------------------------------------------ evaluation helpers
+
+@torch.no_grad()
+def predict(model: nn.Module, data: ImageDataset, rt: Runtime, transform: nn.Module, batch_size: int = 500,
+            fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs, labels) over a whole dataset in order, model in eval mode; ``fn(model, x)`` picks the output."""
+    was_training = model.training
+    model.eval()
+    outs, labels = [], []
+    for start in range(0, len(data), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(data)))
+        x, y = data.get_batch(idx)
+        x = transform(x.to(rt.device))
+        with rt.autocast():
+            o = fn(model, x) if fn is not None else model(x)
+        outs.append(o.float().cpu())
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    out = {}
+    for k in ks:
+        k_ = min(k, logits.shape[1])
+        hit = (logits.topk(k_, dim=1).indices == labels[:, None]).any(dim=1)
+        out[f"top{k}"] = 100.0 * hit.float().mean().item()
+    return out
+
+
+def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                 test_labels: torch.Tensor, k: int = 200, temperature: float = 0.1, num_classes: int | None = None) -> float:
+    """Weighted kNN on cosine similarity (Wu et al. 2018), top-1 in percent."""
+    c = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    tr = F.normalize(train_feats.float(), dim=1)
+    te = F.normalize(test_feats.float(), dim=1)
+    k = min(k, tr.shape[0])
+    correct = 0
+    for start in range(0, te.shape[0], 1000):
+        sim = te[start:start + 1000] @ tr.T
+        w, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], c).scatter_add_(1, train_labels[idx], (w / temperature).exp())
+        correct += (votes.argmax(1) == test_labels[start:start + 1000]).sum().item()
+    return 100.0 * correct / te.shape[0]

@@ -1,0 +1,196 @@
+"""Stages that train a classifier: fine-tune, supervised baseline, linear evaluation, distillation.
+
+They share one task: a crop + flip view -> classifier -> cross-entropy on the labels, or the
+distillation loss against a fixed teacher that sees the same view (SPEC §4-§6).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simclrv2 import checkpoint as ckpt
+from simclrv2.config import DistillConfig, FinetuneConfig, LinearEvalConfig, RunConfig, SupervisedConfig
+from simclrv2.data.augment import FinetuneAugment
+from simclrv2.distributed import wrap_model
+from simclrv2.engine import Task, fit
+from simclrv2.errors import ConfigError
+from simclrv2.losses import DistillationLoss
+from simclrv2.models import Classifier, build_model, count_params, model_spec
+from simclrv2.runtime import Runtime, init_runtime, log
+from simclrv2.stages.common import (
+    check_compatible, evaluate_classifier, finish, load_model, log_result, prepare_data, require, stage_done, to_device,
+)
+
+
+class ClassificationTask(Task):
+    def __init__(self, model: Classifier, cfg: RunConfig, image_size: int, rt: Runtime,
+                 teacher: nn.Module | None = None, distill: DistillationLoss | None = None, frozen_encoder: bool = False):
+        self.model, self.cfg, self.rt = model, cfg, rt
+        self.frozen_encoder = frozen_encoder
+        if frozen_encoder:
+            model.encoder.requires_grad_(False)
+            model.head.requires_grad_(False)
+        self.net = wrap_model(model, rt, cfg.sync_bn and not frozen_encoder)
+        self.augment = FinetuneAugment(image_size, crop_scale=(cfg.crop_min, 1.0), pad_crop=cfg.pad_crop)
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        self.distill = distill
+
+    def train(self):
+        self.model.train()
+        if self.frozen_encoder:  # linear evaluation: BN statistics frozen too
+            self.model.encoder.eval()
+            self.model.head.eval()
+
+    def loss(self, images, labels, generator):
+        x = self.augment(images, generator)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = self.net(x)
+        if self.teacher is None:
+            loss = F.cross_entropy(logits.float(), labels)
+            return loss, {}
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)  # the same augmented view as the student
+        return self.distill(logits, teacher_logits, labels), {}
+
+
+def _train_classifier(stage: str, cfg: RunConfig, model: Classifier, data, rt: Runtime, train_set, out: Path,
+                      meta: dict[str, Any], label_fraction: float | None, **task_kw) -> dict[str, Any]:
+    check_compatible(meta, data, out)
+    task = ClassificationTask(model, cfg, data.image_size, rt, **task_kw)
+    fitted = fit(task, cfg, rt, train_set, out, stage, meta)
+    result: dict[str, Any] = {"stage": stage, "params": count_params(model), "seconds": fitted.seconds,
+                              "label_fraction": label_fraction, "labeled_images": len(data.labeled)}
+    if rt.is_main:
+        result.update(evaluate_classifier(model, data.test, rt, data.image_size, cfg.eval_batch_size))
+    finish(out, rt, result)
+    log_result(stage, result)
+    return result
+
+
+def _meta(spec, data, cfg) -> dict[str, Any]:
+    return {"model": spec, "classes": data.classes, "dataset": cfg.dataset, "image_size": data.image_size}
+
+
+def _label_fraction(cfg: RunConfig, data) -> float:
+    return len(data.labeled) / len(data.train) if cfg.subset_file or cfg.labels_per_class else cfg.label_fraction
+
+
+def _start(stage: str, cfg: RunConfig, rt: Runtime | None):
+    require(cfg.out, "out", stage)
+    out = Path(cfg.out)
+    done = stage_done(out)
+    if done and not cfg.resume:
+        log.info(f"{stage}: {out} already holds a finished run; reusing it")
+        return out, done["result"], None
+    rt = rt or init_runtime(cfg.device, cfg.precision)
+    torch.manual_seed(cfg.seed)
+    return out, None, rt
+
+
+def finetune(cfg: FinetuneConfig, rt: Runtime | None = None) -> dict[str, Any]:
+    """Fine-tune a pretrained encoder + head up to layer k + linear classifier on the labeled subset."""
+    require(cfg.pretrained, "pretrained", "finetune")
+    out, done, rt = _start("finetune", cfg, rt)
+    if done:
+        return done
+    pretrained, pmeta = load_model(cfg.pretrained, "simclr")
+    data = prepare_data(cfg, out if rt.is_main else None, with_unlabeled_split=False)
+    fraction = _label_fraction(cfg, data)
+    k = cfg.head_layer if cfg.head_layer is not None else (1 if fraction <= 0.1 else 0)
+    model = Classifier.from_pretrained(pretrained, len(data.classes), k)
+    spec = dict(pmeta["model"], kind="classifier", num_classes=len(data.classes), head_layer=k)
+    model = to_device(model, rt, cfg.channels_last)
+    meta = _meta(spec, data, cfg) | {"pretrained": str(ckpt.resolve(cfg.pretrained))}
+    return _train_classifier("finetune", cfg, model, data, rt, data.labeled, out, meta, fraction)
+
+
+def supervised(cfg: SupervisedConfig, rt: Runtime | None = None) -> dict[str, Any]:
+    """The baseline: the same encoder + linear classifier trained from scratch on the labeled subset."""
+    out, done, rt = _start("supervised", cfg, rt)
+    if done:
+        return done
+    data = prepare_data(cfg, out if rt.is_main else None, with_unlabeled_split=False)
+    spec = model_spec("classifier", depth=cfg.depth, width=cfg.width, sk=cfg.sk, small_images=data.small_images,
+                      in_channels=data.channels, head_layers=0, num_classes=len(data.classes), head_layer=0)
+    model = to_device(build_model(spec), rt, cfg.channels_last)
+    return _train_classifier("supervised", cfg, model, data, rt, data.labeled, out, _meta(spec, data, cfg),
+                             _label_fraction(cfg, data))
+
+
+def linear_eval(cfg: LinearEvalConfig, rt: Runtime | None = None) -> dict[str, Any]:
+    """Linear classifier on a frozen pretrained encoder (BN statistics frozen too)."""
+    require(cfg.pretrained, "pretrained", "linear-eval")
+    out, done, rt = _start("linear_eval", cfg, rt)
+    if done:
+        return done
+    pretrained, pmeta = load_model(cfg.pretrained, "simclr")
+    data = prepare_data(cfg, out if rt.is_main else None, with_unlabeled_split=False)
+    model = Classifier.from_pretrained(pretrained, len(data.classes), cfg.head_layer)
+    spec = dict(pmeta["model"], kind="classifier", num_classes=len(data.classes), head_layer=cfg.head_layer)
+    model = to_device(model, rt, cfg.channels_last)
+    meta = _meta(spec, data, cfg) | {"pretrained": str(ckpt.resolve(cfg.pretrained))}
+    return _train_classifier("linear_eval", cfg, model, data, rt, data.labeled, out, meta, _label_fraction(cfg, data),
+                             frozen_encoder=True)
+
+
+def distill(cfg: DistillConfig, rt: Runtime | None = None) -> dict[str, Any]:
+    """Distil a fixed fine-tuned teacher into a student on all training images (labeled + unlabeled)."""
+    require(cfg.teacher, "teacher", "distill")
+    out, done, rt = _start("distill", cfg, rt)
+    if done:
+        return done
+    teacher, tmeta = load_model(cfg.teacher, "classifier")
+    tspec = tmeta["model"]
+    data = prepare_data(cfg, out if rt.is_main else None)
+    check_compatible(tmeta, data, ckpt.resolve(cfg.teacher))
+    depth = cfg.depth or tspec["depth"]
+    width = cfg.width or tspec["width"]
+    sk = tspec["sk"] if cfg.sk is None else cfg.sk
+    same = (depth, width, sk) == (tspec["depth"], tspec["width"], tspec["sk"])
+    tau = cfg.temperature if cfg.temperature is not None else (0.1 if same else 1.0)
+    spec = model_spec("classifier", depth=depth, width=width, sk=sk, small_images=data.small_images,
+                      in_channels=data.channels, head_layers=0, num_classes=len(data.classes), head_layer=0)
+    student = build_model(spec)
+    if cfg.init_from:
+        source, _ = load_model(cfg.init_from)
+        try:
+            student.encoder.load_state_dict(source.encoder.state_dict())
+        except RuntimeError:
+            raise ConfigError(f"--init-from {cfg.init_from}: its encoder does not match the student (depth {depth}, width {width}, sk {sk})") from None
+    student = to_device(student, rt, cfg.channels_last)
+    teacher = to_device(teacher, rt, cfg.channels_last)
+    meta = _meta(spec, data, cfg) | {"teacher": str(ckpt.resolve(cfg.teacher)), "temperature": tau,
+                                     "self_distillation": same}
+    log.info(f"distill: {'self-distillation' if same else 'big-to-small'} tau={tau} alpha={cfg.alpha} "
+             f"on {len(data.all_images())} images")
+    result = _train_classifier("distill", cfg, student, data, rt, data.all_images(), out, meta, _label_fraction(cfg, data),
+                               teacher=teacher, distill=DistillationLoss(tau, cfg.alpha))
+    return result
+
+
+def evaluate(checkpoint: str, dataset: str | None = None, data_dir: str | None = None, split: str = "test",
+             device: str = "auto", precision: str = "auto", batch_size: int = 500) -> dict[str, Any]:
+    """Top-1 / top-5 (percent) of a classifier checkpoint on a dataset split."""
+    from simclrv2.data import load_dataset
+
+    model, meta = load_model(checkpoint, "classifier")
+    rt = init_runtime(device, precision)
+    ds = load_dataset(dataset or meta["dataset"], split, data_dir, meta.get("image_size"))
+    source = ckpt.resolve(checkpoint)
+    if ds.channels != meta["model"]["in_channels"] or len(ds.classes) != meta["model"]["num_classes"]:
+        raise ConfigError(f"{source}: model expects {meta['model']['in_channels']}-channel images and "
+                          f"{meta['model']['num_classes']} classes; {ds.name} {split} has {ds.channels} and {len(ds.classes)}")
+    size = meta.get("image_size") or ds.image_size
+    result = evaluate_classifier(model, ds, rt, size, batch_size)
+    result.update(checkpoint=str(source), dataset=ds.name, split=split, images=len(ds))
+    return result
+
+
+__all__ = ["ClassificationTask", "distill", "evaluate", "finetune", "linear_eval", "supervised"]

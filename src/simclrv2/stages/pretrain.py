@@ -1,0 +1,151 @@
+"""Stage 1: task-agnostic contrastive pretraining (SimCLRv2, SPEC §2-§5)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from simclrv2.config import PretrainConfig
+from simclrv2.data.augment import EvalTransform, PretrainAugment
+from simclrv2.distributed import wrap_model
+from simclrv2.engine import Task, fit, knn_accuracy, predict
+from simclrv2.losses import NTXentLoss, gather_with_grad
+from simclrv2.models import SimCLRModel, build_model, count_params, model_spec
+from simclrv2.runtime import Runtime, init_runtime, log
+from simclrv2.stages.common import Data, finish, log_result, prepare_data, require, stage_done, to_device
+
+
+class ContrastiveTask(Task):
+    """Two augmented views per image -> encoder + head -> NT-Xent; optional EMA memory queue and online probe."""
+
+    def __init__(self, model: SimCLRModel, cfg: PretrainConfig, data: Data, rt: Runtime):
+        self.model, self.cfg, self.data, self.rt = model, cfg, data, rt
+        self.net = wrap_model(model, rt, cfg.sync_bn)
+        self.augment = PretrainAugment(data.image_size, crop_scale=(cfg.crop_min, 1.0), color_strength=cfg.color_strength,
+                                       blur=cfg.blur)
+        self.criterion = NTXentLoss(cfg.temperature, gather_distributed=rt.distributed)
+        self.channels_last = cfg.channels_last
+        self.ema = None
+        if cfg.memory_size:
+            self.ema = copy.deepcopy(model).requires_grad_(False)
+            self.queue = torch.zeros(cfg.memory_size, cfg.proj_dim, device=rt.device)
+            self.queue_len = torch.zeros((), dtype=torch.long, device=rt.device)  # filled entries
+            self.queue_ptr = torch.zeros((), dtype=torch.long, device=rt.device)
+
+    def views(self, images, generator):
+        v = self.augment(torch.cat([images, images]), generator)  # both views in one batch, as the official code
+        return v.contiguous(memory_format=torch.channels_last) if self.channels_last else v
+
+    def loss(self, images, labels, generator):
+        v = self.views(images, generator)
+        h, z, probe_logits = self.net(v, probe=True)
+        z_a, z_b = z.float().chunk(2)
+        negatives = None
+        if self.ema is not None:
+            negatives = self.queue[: int(self.queue_len)] if int(self.queue_len) else None
+            with torch.no_grad():
+                _, keys = self.ema(v)
+            self._pending_keys = F.normalize(keys.float(), dim=1)
+        contrastive = self.criterion(z_a, z_b, negatives)
+        parts = {"contrastive": contrastive.detach()}
+        loss = contrastive
+        if probe_logits is not None:
+            y = torch.cat([labels, labels])
+            labelled = y >= 0
+            # masked mean keeps the probe in the graph even when a batch has no labels (DDP needs that)
+            ce = F.cross_entropy(probe_logits.float(), y.clamp_min(0), reduction="none")
+            probe_loss = (ce * labelled).sum() / labelled.sum().clamp_min(1)
+            loss = loss + probe_loss
+            parts["probe_loss"] = probe_loss.detach()
+        return loss, parts
+
+    @torch.no_grad()
+    def after_step(self):
+        if self.ema is None:
+            return
+        d = self.cfg.memory_decay
+        ema_params = list(self.ema.parameters())
+        torch._foreach_mul_(ema_params, d)
+        torch._foreach_add_(ema_params, list(self.model.parameters()), alpha=1 - d)
+        for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
+            b_ema.copy_(b)
+        keys, _ = gather_with_grad(self._pending_keys)  # every rank enqueues the keys of all ranks
+        self._enqueue(keys)
+
+    def _enqueue(self, keys):
+        size = self.queue.shape[0]
+        keys = keys[-size:]
+        n = keys.shape[0]
+        ptr = int(self.queue_ptr)
+        idx = (torch.arange(n, device=keys.device) + ptr) % size
+        self.queue[idx] = keys
+        self.queue_ptr.fill_((ptr + n) % size)
+        self.queue_len.fill_(min(size, int(self.queue_len) + n))
+
+    def extra_state(self):
+        if self.ema is None:
+            return {}
+        state = {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
+        state.update(queue=self.queue, queue_len=self.queue_len, queue_ptr=self.queue_ptr)
+        return state
+
+    def load_extra_state(self, tensors):
+        if self.ema is None:
+            return
+        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        self.queue.copy_(tensors["queue"])
+        self.queue_len.copy_(tensors["queue_len"])
+        self.queue_ptr.copy_(tensors["queue_ptr"])
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        cfg = self.cfg
+        if not (cfg.knn_every and epoch % max(1, int(cfg.knn_every)) == 0 and self.rt.is_main):
+            return {}
+        return {"knn": knn_eval(self.model.encoder, self.data, self.rt, cfg.knn_k, cfg.knn_train_size, cfg.eval_batch_size)}
+
+
+def knn_eval(encoder, data: Data, rt: Runtime, k: int = 200, train_size: int = 10000, batch_size: int = 500) -> float:
+    """kNN top-1 on the test split, neighbours from (a fixed subsample of) the labelled training split.
+
+    A monitor of representation quality: it uses the training split's labels, which the
+    semi-supervised stages never see.
+    """
+    from simclrv2.data import subset
+
+    n = len(data.train)
+    idx = np.sort(np.random.default_rng(0).permutation(n)[: min(n, train_size)])
+    transform = EvalTransform(data.image_size)
+    tr, ytr = predict(encoder, subset(data.train, idx), rt, transform, batch_size)
+    te, yte = predict(encoder, data.test, rt, transform, batch_size)
+    return knn_accuracy(tr, ytr, te, yte, k=k, num_classes=len(data.classes))
+
+
+def pretrain(cfg: PretrainConfig, rt: Runtime | None = None) -> dict[str, Any]:
+    """Pretrain a SimCLRv2 encoder + head on all training images; returns the stage's result."""
+    require(cfg.out, "out", "pretrain")
+    out = Path(cfg.out)
+    done = stage_done(out)
+    if done and not cfg.resume:
+        log.info(f"pretrain: {out} already holds a finished run; reusing it")
+        return done["result"]
+    rt = rt or init_runtime(cfg.device, cfg.precision)
+    torch.manual_seed(cfg.seed)
+    data = prepare_data(cfg, out if rt.is_main else None)
+    spec = model_spec("simclr", depth=cfg.depth, width=cfg.width, sk=cfg.sk, small_images=data.small_images,
+                      in_channels=data.channels, head_layers=cfg.head_layers, proj_dim=cfg.proj_dim,
+                      num_classes=len(data.classes) if cfg.probe else None)
+    model = to_device(build_model(spec), rt, cfg.channels_last)
+    task = ContrastiveTask(model, cfg, data, rt)
+    meta = {"model": spec, "classes": data.classes, "dataset": cfg.dataset, "image_size": data.image_size}
+    fitted = fit(task, cfg, rt, data.all_images(), out, "pretrain", meta)
+    knn = knn_eval(model.encoder, data, rt, cfg.knn_k, cfg.knn_train_size, cfg.eval_batch_size) if rt.is_main else None
+    result = {"stage": "pretrain", "knn": knn, "params": count_params(model), "seconds": fitted.seconds,
+              "final_loss": fitted.history[-1]["loss"] if fitted.history else None}
+    finish(out, rt, result)
+    log_result("pretrain", result)
+    return result
