@@ -1,0 +1,163 @@
+"""The `simclrv2` command: a thin layer over the stage functions.
+
+Every stage option comes from the stage's config dataclass (so CLI and Python share names and
+defaults); presets fill in values, explicit options win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any, Sequence
+
+from simclrv2 import __version__
+from simclrv2.config import STAGE_CONFIGS, load_preset, make_config, preset_names
+from simclrv2.errors import UserError
+
+HELP = {
+    "out": "output directory of the stage (checkpoints, config, metrics)",
+    "dataset": "fashion-mnist | digits | cifar10 | cifar100 | stl10 | imagefolder",
+    "data_dir": "dataset location (required except for fashion-mnist and digits)",
+    "image_size": "side of the training images (default: the dataset's own)",
+    "label_fraction": "fraction of labeled training images per class, e.g. 0.01 or 0.1",
+    "labels_per_class": "number of labeled images per class (instead of --label-fraction)",
+    "subset_file": "text file of labeled image identifiers, one per line (like ImageNet's 1percent.txt)",
+    "resume": "continue from OUT/last.safetensors on the same schedule",
+    "lr": "base learning rate (scaled by --lr-scaling and the batch size)",
+    "batch_size": "global batch size (all processes together)",
+    "precision": "auto (bf16 where the hardware supports it) | bf16 | fp32",
+    "head_layer": "fine-tune from this projection-head layer (default 1 with <= 10%% labels, else 0)",
+    "memory_size": "MoCo-style queue of EMA keys used as extra negatives (0 = off)",
+    "teacher": "fine-tuned checkpoint (file or stage directory) that labels the images",
+    "pretrained": "pretrained checkpoint (file or stage directory)",
+}
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _add_config_options(parser: argparse.ArgumentParser, cls) -> None:
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type).replace(" ", "").split("|")
+        base = kind[0]
+        help_ = HELP.get(f.name, "")
+        default = f.default
+        help_ = f"{help_} (default: {default})" if help_ else f"default: {default}"
+        if base == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_TYPES[base], default=None, help=help_, metavar=base.upper())
+
+
+def _stage_parser(sub, name: str, stage: str, help_: str) -> None:
+    p = sub.add_parser(name, help=help_, description=help_)
+    p.add_argument("--preset", default=None, help=f"preset name ({', '.join(preset_names())}) or a YAML file")
+    _add_config_options(p, STAGE_CONFIGS[stage])
+    p.set_defaults(stage=stage)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="simclrv2", description="SimCLRv2: pretrain, fine-tune, distil.")
+    parser.add_argument("--version", action="version", version=f"simclrv2 {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    _stage_parser(sub, "pretrain", "pretrain", "contrastive pretraining of encoder + projection head")
+    _stage_parser(sub, "finetune", "finetune", "fine-tune a pretrained model from a head layer on the labeled subset")
+    _stage_parser(sub, "distill", "distill", "distil a fine-tuned teacher into a student on all training images")
+    _stage_parser(sub, "linear-eval", "linear_eval", "linear classifier on a frozen pretrained encoder")
+    _stage_parser(sub, "supervised", "supervised", "baseline: train from scratch on the labeled subset")
+
+    p = sub.add_parser("evaluate", help="top-1 / top-5 of a classifier checkpoint on a dataset split")
+    p.add_argument("checkpoint")
+    p.add_argument("--dataset", default=None, help="default: the checkpoint's dataset")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", default="test")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--batch-size", type=int, default=500)
+
+    p = sub.add_parser("pipeline", help="the whole recipe for each label fraction, with a report")
+    p.add_argument("--preset", default="cpu-demo", help=f"one of {', '.join(preset_names())} or a YAML file (default: cpu-demo)")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--label-fraction", dest="label_fractions", type=float, nargs="+", default=None,
+                   help="one or more label fractions (default: the preset's)")
+    p.add_argument("--out", required=True, help="output directory; finished stages found there are reused")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.OPTION=VALUE",
+                   help="override a preset value, e.g. --set pretrain.epochs=5 or --set seed=1 (repeatable)")
+    p.add_argument("--device", default=None)
+
+    p = sub.add_parser("presets", help="list the shipped presets, or print one")
+    p.add_argument("name", nargs="?")
+    p = sub.add_parser("summary", help="print an encoder's structure and parameter count")
+    p.add_argument("--depth", type=int, default=50)
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--sk", action="store_true")
+    return parser
+
+
+def _run_stage(args) -> dict[str, Any]:
+    import simclrv2.stages as stages
+
+    preset = load_preset(args.preset)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(STAGE_CONFIGS[args.stage])}
+    cfg = make_config(args.stage, preset, **overrides)
+    return getattr(stages, args.stage)(cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from simclrv2.runtime import setup_logging
+
+    setup_logging(-1 if args.quiet else 1 if args.verbose else 0)
+    try:
+        if args.command == "presets":
+            if args.name:
+                import yaml
+
+                print(yaml.safe_dump(load_preset(args.name), sort_keys=False), end="")
+            else:
+                print("\n".join(preset_names()))
+            return 0
+        if args.command == "summary":
+            from simclrv2.models import build_resnet
+
+            enc = build_resnet(args.depth, args.width, args.sk)
+            n = sum(p.numel() for p in enc.parameters())
+            print(f"ResNet-{args.depth} {args.width}x{' +SK' if args.sk else ''}: {n / 1e6:.2f}M parameters, {enc.out_dim}-d features")
+            return 0
+        if args.command == "evaluate":
+            from simclrv2.stages import evaluate
+
+            result = evaluate(args.checkpoint, args.dataset, args.data_dir, args.split, args.device, args.precision, args.batch_size)
+        elif args.command == "pipeline":
+            from simclrv2.pipeline import parse_overrides, run_pipeline
+
+            result = run_pipeline(args.preset, args.out, dataset=args.dataset, data_dir=args.data_dir,
+                                  label_fractions=args.label_fractions, overrides=parse_overrides(args.overrides),
+                                  device=args.device)
+        else:
+            result = _run_stage(args)
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    except UserError as e:
+        print(f"simclrv2: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("simclrv2: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    except OSError as e:  # disk full, permissions, ... : name the file, no traceback
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"simclrv2: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

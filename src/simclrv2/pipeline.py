@@ -1,0 +1,157 @@
+"""`simclrv2 pipeline`: the whole recipe for each label fraction, then a report.
+
+For each label fraction: supervised baseline, (one shared) pretraining, linear evaluation of the
+pretrained encoder, fine-tuning, self-distillation, and big-to-small distillation when the preset
+names a student. Any stage whose finished output is already in OUT is reused, so an interrupted
+pipeline is simply run again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from simclrv2 import checkpoint as ckpt
+from simclrv2.config import load_preset, make_config
+from simclrv2.errors import ConfigError
+from simclrv2.report import model_name, write_report
+from simclrv2.runtime import log
+
+MODEL_KEYS = ("depth", "width", "sk")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['pretrain.epochs=5', 'seed=1'] -> {'pretrain': {'epochs': 5}, 'seed': 1} (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected STAGE.OPTION=VALUE or OPTION=VALUE")
+        key, value = item.split("=", 1)
+        parsed = yaml.safe_load(value) if value else None
+        if "." in key:
+            section, name = key.split(".", 1)
+            out.setdefault(section, {})[name.replace("-", "_")] = parsed
+        else:
+            out[key.replace("-", "_")] = parsed
+    return out
+
+
+def merge(preset: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in preset.items()}
+    for k, v in overrides.items():
+        if isinstance(v, dict):
+            merged.setdefault(k, {})
+            merged[k] = {**(merged[k] or {}), **v}
+        else:
+            merged[k] = v
+    return merged
+
+
+def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, data_dir: str | None = None,
+                 label_fractions: list[float] | None = None, overrides: dict[str, Any] | None = None,
+                 device: str | None = None) -> dict[str, Any]:
+    """Run the recipe; returns the report (also written to OUT/report.json and OUT/report.md)."""
+    from simclrv2.stages import distill, finetune, linear_eval, pretrain, supervised
+
+    preset = merge(load_preset(preset_name), overrides or {})
+    if dataset:
+        preset["dataset"] = dataset
+    if data_dir:
+        preset["data_dir"] = data_dir
+    if device:
+        preset["device"] = device
+    fractions = label_fractions or preset.get("label_fractions") or [0.01]
+    for f in fractions:
+        if not 0 < f <= 1:
+            raise ConfigError(f"--label-fraction must be in (0, 1], got {f}")
+    model = preset.get("model") or {}
+
+    student = preset.get("student")
+    unknown = set(model) - set(MODEL_KEYS) | (set(student or {}) - set(MODEL_KEYS))
+    if unknown:
+        raise ConfigError(f"preset model/student: unknown keys {sorted(unknown)}; expected {MODEL_KEYS}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    head_layers = preset.get("finetune_head_layers") or [None]
+
+    by_fraction = {float(k): v for k, v in (preset.get("fractions") or {}).items()}
+    init = preset.get("distill_init", "none")
+    if init not in ("none", "teacher", "pretrained"):
+        raise ConfigError(f"preset distill_init must be none, teacher or pretrained; got {init!r}")
+
+    def cfg(stage: str, section: str | None = None, **kw):
+        """A stage's config: preset section (+ its variant section, + per-fraction overrides) + kw."""
+        values = dict(preset)
+        merged = dict(preset.get(stage) or {})
+        if section and section != stage:
+            merged.update(preset.get(section) or {})
+        fraction = kw.get("label_fraction")
+        merged.update((by_fraction.get(fraction) or {}).get(section or stage) or {})
+        values[stage] = merged
+        return make_config(stage, values, **kw)
+
+    # Validate every stage's options before any work starts.
+    first = fractions[0]
+    configs = [cfg("pretrain", out=str(out / "pretrain"), label_fraction=min(fractions), **model),
+               cfg("supervised", out="x", label_fraction=first, **model),
+               cfg("finetune", out="x", pretrained="x", label_fraction=first),
+               cfg("distill", out="x", teacher="x", label_fraction=first),
+               cfg("linear_eval", out="x", pretrained="x", label_fraction=first)]
+    if student:
+        configs.append(cfg("distill", "distill_small", out="x", teacher="x", label_fraction=first, **student))
+    resolved = {"preset": preset_name, "label_fractions": fractions, **preset}
+    ckpt.atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
+
+    started = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    curves: dict[str, str] = {}
+
+    def add(stage: str, res: dict[str, Any], stage_dir: Path, fraction: float, variant: str | None = None):
+        meta = ckpt.read_meta(stage_dir / "final.safetensors")
+        row = {"stage": stage, "model": model_name(meta["model"]), "params": int(res["params"]),
+               "label_fraction": float(fraction), "top1": float(res["top1"]), "top5": float(res["top5"]),
+               "seconds": float(res["seconds"])}
+        if variant:
+            row["variant"] = variant
+        results.append(row)
+        curves[f"{stage}{'-' + variant if variant else ''} @ {fraction:g}"] = str(stage_dir / "metrics.jsonl")
+
+    log.info(f"pipeline: {preset.get('dataset', 'fashion-mnist')}, label fractions {fractions}, preset {preset_name}")
+    pre_cfg = configs[0]
+    pre = pretrain(pre_cfg)
+    curves["pretrain"] = str(out / "pretrain" / "metrics.jsonl")
+    for f in fractions:
+        fdir = out / f"labels_{f:g}"
+        sup_dir = fdir / "supervised"
+        add("supervised", supervised(cfg("supervised", out=str(sup_dir), label_fraction=f, **model)), sup_dir, f)
+        lin_dir = fdir / "linear_eval"
+        add("pretrain_linear", linear_eval(cfg("linear_eval", out=str(lin_dir), pretrained=str(out / "pretrain"),
+                                                label_fraction=f)), lin_dir, f)
+        teacher_dir = None
+        for k in head_layers:
+            name = "finetune" if k is None or k == head_layers[0] else f"finetune_head{k}"
+            ft_dir = fdir / name
+            res = finetune(cfg("finetune", out=str(ft_dir), pretrained=str(out / "pretrain"), label_fraction=f, head_layer=k))
+            layer = ckpt.read_meta(ft_dir / "final.safetensors")["model"]["head_layer"]
+            add("finetune", res, ft_dir, f, variant=f"head layer {layer}")
+            teacher_dir = teacher_dir or ft_dir
+        self_dir = fdir / "distill_self"
+        init_from = {"none": None, "teacher": str(teacher_dir), "pretrained": str(out / "pretrain")}[init]
+        add("distill", distill(cfg("distill", out=str(self_dir), teacher=str(teacher_dir), label_fraction=f,
+                                   init_from=init_from)), self_dir, f, variant="self")
+        if student:
+            small_dir = fdir / "distill_small"
+            add("distill", distill(cfg("distill", "distill_small", out=str(small_dir), teacher=str(self_dir),
+                                       label_fraction=f, **student)), small_dir, f, variant="big-to-small")
+
+    report = {"dataset": pre_cfg.dataset, "preset": str(preset_name), "results": results,
+              "pretrain": {"model": model_name(ckpt.read_meta(out / "pretrain" / "final.safetensors")["model"]),
+                           "knn_top1": pre.get("knn"), "seconds": pre.get("seconds"), "params": pre.get("params")},
+              "total_seconds": time.perf_counter() - started}
+    write_report(out, report, curves)
+    log.info(f"pipeline: report written to {out / 'report.md'}")
+    return json.loads(json.dumps(report))
