@@ -1,0 +1,90 @@
+"""ONNX export of a classifier: images float [B, C, H, W] in [0, 1] -> logits [B, classes].
+
+The graph has a dynamic batch axis (named ``batch``), opset 17, input ``images`` and output
+``logits``, and is exported in eval mode (BatchNorm uses its running statistics).
+
+Exporter: torch 2.9+ defaults ``torch.onnx.export`` to the torch.export-based ("dynamo") exporter,
+which needs ``onnxscript``. The legacy TorchScript exporter (``dynamo=False``, deprecated but present in
+torch 2.13) handles these ResNets with no extra dependency and gives a plain opset-17 graph, so it is
+tried first; the dynamo exporter is the fallback when the legacy one is unavailable or fails.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from simclrv2.errors import ConfigError
+
+OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+def _legacy(model: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
+        torch.onnx.export(
+            model, (example,), path,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+
+
+def _dynamo(model: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},), opset_version=opset, external_data=False,
+        )
+    program.save(path)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int, in_channels: int,
+                opset: int = OPSET) -> Path:
+    """Export ``model`` (a Classifier or any images -> logits module) to ONNX at ``path``, atomically.
+
+    The model is copied to CPU float32 in eval mode first, so the caller's model (device, dtype,
+    train/eval mode) is left untouched. Returns the path written.
+    """
+    if image_size < 1 or in_channels < 1:
+        raise ConfigError(f"export: image size {image_size} and {in_channels} channels; expected positive values")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+    example = torch.rand(2, in_channels, image_size, image_size)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with torch.no_grad():
+            try:
+                _legacy(net, example, tmp, opset)
+            except (TypeError, RuntimeError, NotImplementedError) as legacy_error:
+                try:
+                    _dynamo(net, example, tmp, opset)
+                except ImportError as e:
+                    raise ConfigError(f"export: the legacy ONNX exporter failed ({_first_line(legacy_error)}) and the "
+                                      f"dynamo exporter needs onnxscript ({_first_line(e)}); pip install onnxscript") from None
+                except Exception as e:
+                    raise RuntimeError(f"ONNX export failed: legacy exporter: {_first_line(legacy_error)}; "
+                                       f"dynamo exporter: {_first_line(e)}") from e
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
