@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+TINY = dict(dataset="digits", precision="fp32", label_fraction=0.1, seed=0, log_every=1000)
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory):
+    """A SimCLRv2 model pretrained for a few epochs on digits (shared by the stage tests)."""
+    from simclrv2.config import make_config
+    from simclrv2.stages import pretrain
+
+    out = tmp_path_factory.mktemp("pretrain")
+    cfg = make_config("pretrain", out=str(out), depth=18, width=0.125, epochs=4, batch_size=128, temperature=0.5,
+                      color_strength=0.5, blur=False, crop_min=0.2, knn_every=2, knn_train_size=1437, **TINY)
+    result = pretrain(cfg)
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def tiny_finetuned(tiny_pretrained, tmp_path_factory):
+    from simclrv2.config import make_config
+    from simclrv2.stages import finetune
+
+    out = tmp_path_factory.mktemp("finetune")
+    cfg = make_config("finetune", out=str(out), pretrained=str(tiny_pretrained[0]), epochs=15, batch_size=48,
+                      lr=0.05, pad_crop=1, **TINY)
+    return out, finetune(cfg)

@@ -1,0 +1,85 @@
+"""The `simclrv2` command and the pipeline, run as a user would."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from simclrv2.cli import main
+from simclrv2.pipeline import parse_overrides
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "simclrv2", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_pipeline_tiny_writes_report_and_reuses_stages(tmp_path):
+    out = tmp_path / "run"
+    assert main(["-q", "pipeline", "--preset", "tiny", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"] == "digits" and report["preset"] == "tiny"
+    stages = [(r["stage"], r.get("variant")) for r in report["results"]]
+    assert stages == [("supervised", None), ("pretrain_linear", None), ("finetune", "head layer 1"),
+                      ("distill", "self"), ("distill", "big-to-small")]
+    for r in report["results"]:
+        assert set(r) >= {"stage", "model", "params", "label_fraction", "top1", "top5", "seconds"}
+        assert 0 <= r["top1"] <= r["top5"] <= 100 and r["label_fraction"] == 0.1 and r["params"] > 0
+    small = report["results"][-1]
+    assert small["params"] < report["results"][3]["params"]
+    md = (out / "report.md").read_text()
+    assert "| method | architecture | params | label fraction | top-1 | top-5 | time |" in md
+    for png in ("accuracy_vs_labels.png", "training_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "pretrain" / "config.yaml").exists() and (out / "labels_0.1" / "finetune" / "config.yaml").exists()
+
+    # a second run finds every stage finished and reuses it: same numbers, no retraining
+    mtime = (out / "pretrain" / "final.safetensors").stat().st_mtime_ns
+    assert main(["-q", "pipeline", "--preset", "tiny", "--out", str(out)]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert [r["top1"] for r in again["results"]] == [r["top1"] for r in report["results"]]
+    assert (out / "pretrain" / "final.safetensors").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["pipeline", "--preset", "no-such-preset", "--out", "x"], "--preset 'no-such-preset' is unknown"),
+    (["pipeline", "--preset", "tiny", "--out", "x", "--label-fraction", "1.5"], "--label-fraction"),
+    (["supervised", "--out", "x", "--dataset", "digits", "--label-fraction", "-0.1"], "--label-fraction"),
+    (["pretrain", "--out", "x", "--dataset", "digits", "--temperature", "0"], "--temperature must be > 0"),
+    (["pretrain", "--out", "x", "--dataset", "digits", "--depth", "42"], "--depth 42 is not supported"),
+    (["pretrain", "--out", "x", "--dataset", "digits", "--width", "-1"], "--width -1.0 is not supported"),
+    (["supervised", "--out", "x", "--dataset", "digits", "--batch-size", "5000", "--depth", "18"], "larger than"),
+    (["finetune", "--out", "x", "--dataset", "digits", "--pretrained", "missing_dir"], "not found"),
+    (["pretrain", "--out", "x", "--dataset", "cifar10", "--data-dir", "nowhere"], "nowhere"),
+    (["pipeline", "--preset", "tiny", "--out", "x", "--set", "pretrain.no_such_option=1"], "no_such_option"),
+])
+def test_bad_options_give_one_line_errors(tmp_path, args, needle):
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("simclrv2: error:") and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "x" / "final.safetensors").exists()
+
+
+def test_help_lists_stage_options_and_presets():
+    r = run_cli("pretrain", "--help")
+    assert r.returncode == 0 and "--memory-size" in r.stdout and "--label-fraction" in r.stdout
+    r = run_cli("presets")
+    assert set(r.stdout.split()) >= {"cpu-demo", "cpu-full", "imagenet", "tiny"}
+
+
+def test_presets_load_into_valid_configs():
+    from simclrv2.config import load_preset, make_config, preset_names
+
+    for name in preset_names():
+        preset = load_preset(name)
+        for stage in ("pretrain", "finetune", "supervised", "distill", "linear_eval"):
+            make_config(stage, preset, out="x")
+    imagenet = make_config("pretrain", load_preset("imagenet"), out="x")
+    assert (imagenet.batch_size, imagenet.epochs, imagenet.temperature, imagenet.memory_size) == (4096, 800, 0.1, 65536)
+
+
+def test_parse_overrides():
+    assert parse_overrides(["pretrain.epochs=5", "seed=1", "finetune.head-layer=0"]) == {
+        "pretrain": {"epochs": 5}, "seed": 1, "finetune": {"head_layer": 0}}

@@ -1,0 +1,174 @@
+"""Every stage on tiny data (digits, tiny widths), checking real effects."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY
+from simclrv2 import checkpoint as ckpt
+from simclrv2.config import make_config
+from simclrv2.data import load_dataset
+from simclrv2.data.augment import EvalTransform
+from simclrv2.engine import knn_accuracy, predict
+from simclrv2.errors import CheckpointError, ConfigError
+from simclrv2.models import build_model
+from simclrv2.runtime import init_runtime
+from simclrv2.stages import distill, evaluate, finetune, linear_eval, pretrain, supervised
+from simclrv2.stages.common import load_model
+
+
+def _knn_of(encoder):
+    rt = init_runtime("cpu", "fp32")
+    tr, te = load_dataset("digits", "train"), load_dataset("digits", "test")
+    t = EvalTransform(tr.image_size)
+    ftr, ytr = predict(encoder, tr, rt, t)
+    fte, yte = predict(encoder, te, rt, t)
+    return knn_accuracy(ftr, ytr, fte, yte, k=20, num_classes=10)
+
+
+def test_pretraining_lowers_loss_and_beats_random_encoder(tiny_pretrained):
+    out, result = tiny_pretrained
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["contrastive"] < rows[0]["contrastive"] - 0.1
+    model, meta = load_model(out, "simclr")
+    assert meta["stage"] == "pretrain" and meta["complete"]
+    random_model = build_model(meta["model"])
+    assert _knn_of(model.encoder) > _knn_of(random_model.encoder) + 3.0
+    assert any("knn" in r for r in rows) and result["knn"] > 50
+
+
+def test_finetuned_model_has_expected_layers_and_beats_chance(tiny_pretrained, tiny_finetuned):
+    out, result = tiny_finetuned
+    tensors, meta = ckpt.load_checkpoint(out)
+    assert meta["model"]["head_layer"] == 1  # default with <= 10% labels
+    heads = sorted({k.split(".")[3] for k in tensors if k.startswith("model.head.layers.")})
+    assert heads == ["0"]
+    assert "model.fc.weight" in tensors and tensors["model.fc.weight"].shape[0] == 10
+    assert result["top1"] > 40  # chance is 10%
+    assert result["labeled_images"] == 144
+    # the labeled subset written beside the run is the class-balanced 10%
+    ids = (out / "labeled_subset.txt").read_text().split()
+    assert len(ids) == 144
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_finetune_from_other_head_layers(tiny_pretrained, tmp_path, k):
+    cfg = make_config("finetune", out=str(tmp_path), pretrained=str(tiny_pretrained[0]), epochs=1, batch_size=48,
+                      head_layer=k, **TINY)
+    finetune(cfg)
+    model, meta = load_model(tmp_path, "classifier")
+    assert len(model.head.layers) == k and meta["model"]["head_layer"] == k
+
+
+def _kl_and_agreement(student, teacher, ds, tau):
+    rt = init_runtime("cpu", "fp32")
+    t = EvalTransform(ds.image_size)
+    s_logits, _ = predict(student, ds, rt, t)
+    t_logits, _ = predict(teacher, ds, rt, t)
+    p_t = torch.softmax(t_logits / tau, 1)
+    kl = (p_t * (torch.log_softmax(t_logits / tau, 1) - torch.log_softmax(s_logits / tau, 1))).sum(1).mean().item()
+    agreement = (s_logits.argmax(1) == t_logits.argmax(1)).float().mean().item()
+    return kl, agreement
+
+
+def test_distillation_moves_student_toward_teacher(tiny_finetuned, tmp_path):
+    teacher_dir = tiny_finetuned[0]
+    teacher, _ = load_model(teacher_dir, "classifier")
+    cfg = make_config("distill", out=str(tmp_path / "d"), teacher=str(teacher_dir), depth=18, width=0.0625,
+                      epochs=4, batch_size=32, lr=0.5, **TINY)
+    result = distill(cfg)
+    student, meta = load_model(tmp_path / "d", "classifier")
+    assert meta["temperature"] == 1.0 and meta["self_distillation"] is False  # big-to-small default
+    initial = build_model(meta["model"])
+    train = load_dataset("digits", "train")
+    kl_after, agree_after = _kl_and_agreement(student, teacher, train, 1.0)
+    kl_before, agree_before = _kl_and_agreement(initial, teacher, train, 1.0)
+    assert kl_after < 0.7 * kl_before
+    assert agree_after > agree_before + 0.3
+    assert result["params"] < sum(p.numel() for p in teacher.parameters())
+
+
+def test_self_distillation_defaults(tiny_finetuned, tmp_path):
+    cfg = make_config("distill", out=str(tmp_path), teacher=str(tiny_finetuned[0]), epochs=1, batch_size=128,
+                      init_from=str(tiny_finetuned[0]), **TINY)
+    distill(cfg)
+    _, meta = load_model(tmp_path, "classifier")
+    assert meta["self_distillation"] and meta["temperature"] == 0.1
+    assert meta["model"]["depth"] == 18 and meta["model"]["width"] == 0.125
+
+
+def test_linear_eval_freezes_encoder_and_bn_statistics(tiny_pretrained, tmp_path):
+    cfg = make_config("linear_eval", out=str(tmp_path), pretrained=str(tiny_pretrained[0]), epochs=10, batch_size=16,
+                      lr=1.0, **TINY)
+    result = linear_eval(cfg)
+    before, _ = load_model(tiny_pretrained[0], "simclr")
+    after, _ = load_model(tmp_path, "classifier")
+    for k, v in before.encoder.state_dict().items():
+        assert torch.equal(v, after.encoder.state_dict()[k]), k  # weights and BN running stats
+    assert result["top1"] > 20
+
+
+def test_supervised_baseline_learns(tmp_path):
+    cfg = make_config("supervised", out=str(tmp_path), depth=18, width=0.125, epochs=30, batch_size=48,
+                      pad_crop=1, **TINY)
+    result = supervised(cfg)
+    assert result["top1"] > 30
+    again = evaluate(str(tmp_path))
+    assert again["top1"] == pytest.approx(result["top1"])
+
+
+def test_memory_queue_fills_with_ema_keys(tmp_path):
+    cfg = make_config("pretrain", out=str(tmp_path), depth=18, width=0.0625, epochs=1, batch_size=64, memory_size=200,
+                      memory_decay=0.9, knn_every=0, temperature=0.5, blur=False, **TINY)
+    pretrain(cfg)
+    tensors, meta = ckpt.load_checkpoint(tmp_path / "last.safetensors")
+    queue, n = tensors["extra.queue"], int(tensors["extra.queue_len"])
+    assert n == 200  # 22 steps x 128 keys wrapped around the 200 slots
+    assert torch.allclose(queue.norm(dim=1), torch.ones(200), atol=1e-4)
+    ema = {k[10:]: v for k, v in tensors.items() if k.startswith("extra.ema.")}
+    model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    w = "encoder.conv1.weight"
+    assert not torch.equal(ema[w], model[w])
+
+
+def test_resume_after_interruption_gives_identical_weights(tmp_path, monkeypatch):
+    from simclrv2.stages import classify
+
+    base = dict(depth=18, width=0.0625, epochs=3, batch_size=48, checkpoint_every=2, **TINY)
+    full = supervised(make_config("supervised", out=str(tmp_path / "a"), **base))
+    calls = {"n": 0}
+    original = classify.ClassificationTask.after_step
+
+    def interrupt(self):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(classify.ClassificationTask, "after_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        supervised(make_config("supervised", out=str(tmp_path / "b"), **base))
+    monkeypatch.setattr(classify.ClassificationTask, "after_step", original)
+    assert ckpt.read_meta(tmp_path / "b" / "last.safetensors")["step"] == 4
+    assert not (tmp_path / "b" / "final.safetensors").exists()
+    resumed = supervised(make_config("supervised", out=str(tmp_path / "b"), resume=True, **base))
+    a, _ = ckpt.load_checkpoint(tmp_path / "a" / "final.safetensors")
+    b, _ = ckpt.load_checkpoint(tmp_path / "b" / "final.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6), k
+    assert resumed["top1"] == pytest.approx(full["top1"])
+
+
+def test_wrong_checkpoint_kind_is_a_clear_error(tiny_pretrained, tmp_path):
+    with pytest.raises(CheckpointError, match="expected a classifier"):
+        distill(make_config("distill", out=str(tmp_path), teacher=str(tiny_pretrained[0]), **TINY))
+    with pytest.raises(CheckpointError, match="not found"):
+        finetune(make_config("finetune", out=str(tmp_path), pretrained=str(tmp_path / "nope.safetensors"), **TINY))
+
+
+def test_batch_larger_than_dataset(tmp_path):
+    with pytest.raises(ConfigError, match="larger than"):
+        supervised(make_config("supervised", out=str(tmp_path), depth=18, width=0.0625, batch_size=1000, **TINY))
