@@ -63,3 +63,14 @@ def test_lr_scaling_and_schedule():
     assert sched(100) == pytest.approx(0.0, abs=1e-12)
     assert all(sched(s) >= sched(s + 1) for s in range(10, 100))
     assert WarmupCosine(2.0, 10)(5) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_classifier_is_excluded_like_the_official_head_supervised():
+    from simclrv2.models import Classifier, build_resnet
+
+    model = Classifier(build_resnet(18, 0.0625, small_images=True), num_classes=3)
+    adapted, excluded = param_groups(model, weight_decay=1e-4)
+    ids = {id(p) for p in excluded["params"]} if isinstance(excluded, dict) else set()
+    assert id(model.fc.weight) in ids and id(model.fc.bias) in ids
+    assert id(model.encoder.conv1.weight) in {id(p) for p in adapted["params"]}
+    assert all(p.ndim > 1 for p in adapted["params"])

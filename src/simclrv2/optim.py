@@ -10,16 +10,22 @@ from torch import nn
 from simclrv2.errors import ConfigError
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights (decay + layer adaptation) and biases/BN parameters (neither).
+# Linear classifiers on top of the network: the fine-tuning classifier and the pretraining probe.
+CLASSIFIER_PREFIXES = ("fc.", "probe.")
 
-    The official code excludes variables named 'bias' or 'batch_normalization'; in PyTorch those are
-    exactly the parameters with fewer than 2 dimensions.
+
+def param_groups(model: nn.Module, weight_decay: float, exclude_prefixes: tuple[str, ...] = CLASSIFIER_PREFIXES) -> list[dict]:
+    """Two groups: weights (decay + layer adaptation) and the rest (neither).
+
+    The official code (tf2/run.py) excludes variables named 'batch_normalization', 'bias' and
+    'head_supervised' (the linear classifier) from both; in PyTorch the first two are exactly the
+    parameters with fewer than 2 dimensions, the last the parameters under ``exclude_prefixes``.
     """
     adapted, excluded = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (adapted if p.ndim > 1 else excluded).append(p)
+            keep = p.ndim > 1 and not name.startswith(exclude_prefixes)
+            (adapted if keep else excluded).append(p)
     return [
         {"params": adapted, "weight_decay": weight_decay, "layer_adaptation": True},
         {"params": excluded, "weight_decay": 0.0, "layer_adaptation": False},
@@ -28,6 +34,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 class LARS(torch.optim.Optimizer):
     """Layer-wise adaptive rate scaling with momentum (You et al. 2017), as in SimCLR.
+
+    Use with :func:`param_groups`, which sets ``weight_decay`` and ``layer_adaptation`` per group.
 
     For each parameter w with gradient g (per group: ``weight_decay`` λ, ``layer_adaptation``):
 
