@@ -43,10 +43,9 @@ keeps the head truncated to ``head_layer`` (exactly what its logits use); the JS
 depth (``head_layers``) and ``head_layer``; the dropped head layers are listed in the metadata, and
 importing the same checkpoint with ``kind="simclr"`` keeps the full head.
 
-Numerics. The weights map one to one, but two TF layers are approximated by models/resnet.py, so an
-imported model's outputs are close to, not identical with, TF's: TF's 3x3/2 'SAME' max-pool pads only
-bottom/right (ours pads 1 on every side), and with SK the first block's stride-1 projection shortcut
-starts with a 2x2 stride-1 'SAME' average pool in TF (identity in ours). Images are in [0, 1], as in TF.
+Numerics. The weights map one to one and models/resnet.py pads as TF does (the stem's 3x3/2 'SAME'
+max-pool, the ResNet-D shortcut pools of SK models, fixed-padding convs; see its docstring), so an
+imported model computes the TF network's function. Images are in [0, 1], as in TF.
 """
 
 from __future__ import annotations

@@ -6,6 +6,27 @@ average-pool shortcuts, and the small-image stem. :func:`build_resnet` is the fa
 
 Names follow torchvision (``conv1``, ``bn1``, ``layer1``..``layer4``, ``downsample``) so that
 weights are easy to read and convert. The SK stem replaces ``conv1`` by a ``stem`` Sequential.
+
+Padding is TF's, so that imported official checkpoints compute the same function
+(google-research/simclr ``resnet.py`` / ``tf2/resnet.py``):
+
+* Convolutions. TF's ``conv2d_fixed_padding`` pads a strided conv explicitly, ``pad_beg = (k - 1) // 2``
+  and ``pad_end = k - 1 - pad_beg``, then runs it with 'VALID'; a stride-1 conv uses 'SAME', which for
+  odd ``k`` also pads ``(k - 1) / 2`` on each side. Every kernel here is odd (7, 3, 1), so
+  ``pad_beg == pad_end == (k - 1) // 2`` and PyTorch's symmetric ``padding=(k - 1) // 2`` is the same
+  computation, for any input size.
+* The stem's 3x3/2 max-pool is 'SAME' in TF: ``out = ceil(n / 2)`` and the ``max((out - 1) * 2 + 3 - n, 0)``
+  padded rows go ``total // 2`` before and the rest after (even ``n``: 0 before, 1 after; odd ``n``: 1 and 1).
+  :class:`MaxPool2dSame` does exactly that (padding never wins the max); PyTorch's ``MaxPool2d(3, 2, 1)``
+  would pad 1 on every side and shift the windows by one pixel for even inputs.
+* ResNet-D shortcuts (SK): a strided block pads the bottom/right by one zero (``fixed_padding(x, 2)``)
+  and average-pools 2x2/stride 'VALID' (the zero counts in the average, which matters for odd sizes
+  only); the stride-1 projection of the first block pools 2x2/1 'SAME', i.e. pads bottom/right by one
+  and excludes the padding from the average (:class:`AvgPool2dSame`), where an identity would differ.
+
+One structural difference remains, outside the released checkpoints (all bottleneck ResNets): TF's
+block groups always open with a projection shortcut, also for the basic-block ResNet-18/34 whose first
+group keeps its channel count; ours uses the identity there, as torchvision does.
 """
 
 from __future__ import annotations
@@ -67,12 +88,74 @@ class SelectiveKernel(nn.Module):
         return a * w[:, 0] + b * w[:, 1]
 
 
+def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """(before, after) padding of TF's 'SAME' along one axis of length ``size``."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class MaxPool2dSame(nn.MaxPool2d):
+    """TF's ``max_pool(..., padding='SAME')``: asymmetric padding computed from the input size; pads never win."""
+
+    def __init__(self, kernel_size: int = 3, stride: int = 2):
+        super().__init__(kernel_size, stride)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding='SAME'"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom = tf_same_padding(x.shape[-2], self.kernel_size, self.stride)
+        left, right = tf_same_padding(x.shape[-1], self.kernel_size, self.stride)
+        if top or bottom or left or right:
+            x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+        return F.max_pool2d(x, self.kernel_size, self.stride)
+
+
+class AvgPool2dSame(nn.AvgPool2d):
+    """TF's ``avg_pool(..., padding='SAME')``: asymmetric padding from the input size, excluded from the average."""
+
+    def __init__(self, kernel_size: int = 2, stride: int = 1):
+        super().__init__(kernel_size, stride)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding='SAME'"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom = tf_same_padding(x.shape[-2], self.kernel_size, self.stride)
+        left, right = tf_same_padding(x.shape[-1], self.kernel_size, self.stride)
+        if not (top or bottom or left or right):
+            return F.avg_pool2d(x, self.kernel_size, self.stride)
+        pads = (left, right, top, bottom)
+        total = F.avg_pool2d(F.pad(x, pads), self.kernel_size, self.stride)
+        ones = torch.ones((1, 1) + tuple(x.shape[-2:]), dtype=x.dtype, device=x.device)
+        valid = F.avg_pool2d(F.pad(ones, pads), self.kernel_size, self.stride)  # fraction of real pixels
+        return total / valid
+
+
+class AvgPool2dFixedPadding(nn.AvgPool2d):
+    """TF's strided ResNet-D shortcut pool: ``fixed_padding(x, 2)`` (one zero row and column at the
+    bottom/right), then a 2x2 average pool with this stride, 'VALID' (the zeros count in the average)."""
+
+    def __init__(self, stride: int = 2):
+        super().__init__(2, stride)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size=2, stride={self.stride}, fixed_padding=(0, 1)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(F.pad(x, (0, 1, 0, 1)), 2, self.stride)
+
+
 def shortcut(in_channels: int, out_channels: int, stride: int, avg_pool: bool) -> nn.Module | None:
-    """Projection shortcut: strided 1x1 conv, or (ResNet-D, with SK) 2x2 avg-pool then a stride-1 1x1 conv."""
+    """Projection shortcut: strided 1x1 conv, or (ResNet-D, with SK) 2x2 avg-pool then a stride-1 1x1 conv.
+
+    The ResNet-D pool is TF's: fixed padding + 'VALID' when strided, 'SAME' (padding excluded) at stride 1.
+    """
     if stride == 1 and in_channels == out_channels:
         return None
     if avg_pool:
-        pool = nn.AvgPool2d(2, stride) if stride > 1 else nn.Identity()
+        pool = AvgPool2dFixedPadding(stride) if stride > 1 else AvgPool2dSame(2, 1)
         return nn.Sequential(pool, nn.Conv2d(in_channels, out_channels, 1, bias=False), batch_norm(out_channels))
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), batch_norm(out_channels))
 
@@ -170,11 +253,11 @@ class ResNet(nn.Module):
             )
             self.conv1 = None
             self.bn1 = batch_norm(stem_out)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
+            self.maxpool = MaxPool2dSame(3, 2)
         else:
             self.conv1 = nn.Conv2d(in_channels, stem_out, 7, 2, 3, bias=False)
             self.bn1 = batch_norm(stem_out)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
+            self.maxpool = MaxPool2dSame(3, 2)
 
         channels = stem_out
         for i, n in enumerate(blocks):
