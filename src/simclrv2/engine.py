@@ -26,6 +26,7 @@ from simclrv2 import checkpoint as ckpt
 from simclrv2.config import RunConfig, dump, to_dict
 from simclrv2.data import ImageDataset
 from simclrv2.errors import CheckpointError, ConfigError, DivergenceError
+from simclrv2.metrics import MetricsWriter
 from simclrv2.optim import LARS, WarmupCosine, param_groups, scale_lr, set_lr
 from simclrv2.runtime import Runtime, log
 
@@ -148,6 +149,7 @@ class Progress:
             self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, leave=True)
         self.desc = desc
         self.total = total
+        self.start, self.t0 = start, time.perf_counter()
 
     def update(self, step: int, info: dict[str, Any]) -> None:
         if self.bar is not None:
@@ -156,7 +158,10 @@ class Progress:
                 self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items()}, refresh=False)
         elif self.enabled and (step % self.log_every == 0 or step == self.total):
             items = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
-            log.info(f"{self.desc} step {step}/{self.total} {items}")
+            rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+            left = int((self.total - step) / rate) if rate > 0 else 0
+            eta = f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+            log.info(f"{self.desc} step {step}/{self.total} {items} eta={eta}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -218,14 +223,12 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
                     steps_per_epoch=steps_per_epoch, config=to_dict(cfg), metrics=metrics, complete=name == "final")
         ckpt.save_checkpoint(out / name, tensors, info)
 
-    metrics_file = (out / "metrics.jsonl").open("a") if rt.is_main else None
+    metrics_writer = MetricsWriter(out, start, enabled=rt.is_main)  # metrics.jsonl, metrics.csv, TensorBoard
     history: list[dict[str, Any]] = []
 
     def record(row: dict[str, Any]) -> None:
         history.append(row)
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+        metrics_writer.write(row)
 
     progress = Progress(total, start, stage, rt.is_main, cfg.log_every)
     task.train()
@@ -277,8 +280,7 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
                     break
     finally:
         progress.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        metrics_writer.close()
     seconds = time.perf_counter() - t0
     save("final", total, history[-1] if history else {})
     rt.barrier()
