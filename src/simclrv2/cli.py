@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a preset value, e.g. --set pretrain.epochs=5 or --set seed=1 (repeatable)")
     p.add_argument("--device", default=None)
 
+    _inference_parsers(sub)
+
     p = sub.add_parser("presets", help="list the shipped presets, or print one")
     p.add_argument("name", nargs="?")
     p = sub.add_parser("summary", help="print an encoder's structure and parameter count")
@@ -100,6 +102,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--sk", action="store_true")
     return parser
+
+
+def _inference_parsers(sub) -> None:
+    """embed, predict, export, import-tf: using trained models (simclrv2.inference)."""
+    def runtime_options(p):
+        p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+        p.add_argument("--precision", default="fp32", help="fp32 | bf16 | auto (default: fp32)")
+
+    p = sub.add_parser("embed", help="features of image files or folders -> .npy (+ .paths.txt with the row order)",
+                       description="Features of images (the encoder output, a projection-head layer of a pretrained "
+                                   "checkpoint, or what a classifier's fc sees) saved as a float32 .npy array; the "
+                                   "row order goes to OUT's .paths.txt sidecar.")
+    p.add_argument("checkpoint", help="checkpoint file or stage directory (any kind)")
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="output .npy file, e.g. feats.npy (row order: feats.paths.txt)")
+    p.add_argument("--head-layer", type=int, default=None,
+                   help="pretrained: projection-head layer k (default 0 = encoder output); "
+                        "classifier: default = the features before its fc")
+    runtime_options(p)
+
+    p = sub.add_parser("predict", help="class predictions of a classifier for image files or folders -> CSV")
+    p.add_argument("checkpoint", help="classifier checkpoint (finetune / distill / supervised / linear-eval)")
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="output CSV: path, class, probability, top5")
+    runtime_options(p)
+
+    p = sub.add_parser("export", help="ONNX export of a classifier checkpoint")
+    p.add_argument("checkpoint", help="classifier checkpoint (e.g. the distilled student)")
+    p.add_argument("--onnx", required=True, help="output .onnx file (class names go to NAME.classes.txt)")
+
+    p = sub.add_parser("import-tf", help="convert an official SimCLRv2 TensorFlow checkpoint (no TensorFlow needed)")
+    p.add_argument("checkpoint", help="TF checkpoint prefix (DIR/model.ckpt-N), its .index file, or its directory")
+    p.add_argument("--out", required=True, help="output directory (final.safetensors + final.json)")
+    p.add_argument("--kind", choices=["simclr", "classifier"], default=None,
+                   help="default: from the checkpoint's heads and path (pretrained / finetuned_*)")
+    p.add_argument("--head-layer", type=int, default=None, help="classifier: the head layer it was fine-tuned from")
+    p.add_argument("--ema", action="store_true", help="import the ema_model/ copy (TF1)")
+    p.add_argument("--image-size", type=int, default=224, help="image side recorded in the checkpoint (default: 224)")
+
+
+def _run_inference(args) -> dict[str, Any]:
+    from simclrv2 import inference
+
+    if args.command == "embed":
+        r = inference.embed(args.checkpoint, args.images, args.out, args.head_layer, args.batch_size, args.device,
+                            args.precision)
+        return {"out": r["out"], "paths_file": r["paths_file"], "images": len(r["paths"]),
+                "shape": list(r["features"].shape), "layer": r["layer"], "checkpoint": r["checkpoint"]}
+    if args.command == "predict":
+        r = inference.predict(args.checkpoint, args.images, args.out, args.batch_size, args.device, args.precision)
+        return {"out": r["out"], "images": len(r["paths"]), "checkpoint": r["checkpoint"]}
+    if args.command == "export":
+        return inference.export(args.checkpoint, args.onnx)
+    return inference.import_tf(args.checkpoint, args.out, args.kind, args.head_layer, args.ema, args.image_size)
 
 
 def _run_stage(args) -> dict[str, Any]:
@@ -137,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from simclrv2.stages import evaluate
 
             result = evaluate(args.checkpoint, args.dataset, args.data_dir, args.split, args.device, args.precision, args.batch_size)
+        elif args.command in ("embed", "predict", "export", "import-tf"):
+            result = _run_inference(args)
         elif args.command == "pipeline":
             from simclrv2.pipeline import parse_overrides, run_pipeline
 

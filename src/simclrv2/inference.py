@@ -1,0 +1,257 @@
+"""Using trained models on image files: features (`embed`), class predictions (`predict`), ONNX
+export (`export`) and the official TF checkpoints (`import_tf`). The CLI subcommands of the same
+names are thin wrappers around these functions.
+
+Images are decoded with Pillow (:func:`simclrv2.data.sources.decode_image`: shorter side resized to
+the checkpoint's ``image_size``, centre crop), converted to one channel (Pillow's ``convert("L")``)
+for 1-channel models, and go through the evaluation transform (:class:`EvalTransform`) exactly as in
+``simclrv2 evaluate``. Inputs are image files or folders (searched recursively for the extensions
+in :data:`IMAGE_EXTENSIONS`, hidden entries skipped), in the order given, each folder sorted.
+
+Every output file is written atomically (temporary file, fsync, rename): a failure part-way leaves
+no partial output behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from simclrv2 import checkpoint as ckpt
+from simclrv2.data.augment import EvalTransform
+from simclrv2.data.sources import IMAGE_EXTENSIONS, _walk_images, decode_image
+from simclrv2.errors import ConfigError, DataError
+from simclrv2.models.head import Classifier, SimCLRModel
+from simclrv2.runtime import Runtime, init_runtime, log
+from simclrv2.stages.common import load_model
+
+__all__ = ["collect_images", "embed", "export", "feature_function", "import_tf", "load_images", "paths_file", "predict"]
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
+    """Image paths from files and folders (recursive), in the order given; a missing path is a DataError."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    paths: list[str] = []
+    for item in inputs:
+        p = os.fspath(item)
+        if os.path.isdir(p):
+            found = _walk_images(p)  # paths start with p as given (relative stays relative)
+            if not found:
+                raise DataError(f"{p}: folder contains no images (extensions: {' '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
+            paths.extend(found)
+        elif os.path.isfile(p):
+            paths.append(p)
+        elif os.path.exists(p):
+            raise DataError(f"{p}: not a file or folder")
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    if not paths:
+        raise DataError("no images given")
+    return paths
+
+
+def _decode(path: str, image_size: int, channels: int) -> torch.Tensor:
+    img = decode_image(path, image_size)  # uint8 [3, S, S], RGB; DataError names the file
+    if channels == 1:
+        from PIL import Image
+
+        gray = Image.fromarray(img.permute(1, 2, 0).numpy()).convert("L")
+        return torch.from_numpy(np.array(gray, dtype=np.uint8))[None]
+    return img
+
+
+def load_images(paths: Sequence[str], image_size: int, channels: int = 3, workers: int | None = None) -> torch.Tensor:
+    """uint8 [N, channels, S, S] of ``paths``, decoded in parallel threads (Pillow releases the GIL)."""
+    if channels not in (1, 3):
+        raise ConfigError(f"models take 1 or 3 channels, not {channels}")
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers > 1 and len(paths) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            images = list(pool.map(lambda p: _decode(p, image_size, channels), paths))
+    else:
+        images = [_decode(p, image_size, channels) for p in paths]
+    return torch.stack(images)
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def feature_function(model: nn.Module, meta: dict[str, Any], head_layer: int | None = None) -> tuple[Callable, int]:
+    """(fn(model, x) -> features, layer): the encoder output or head layer k of a pretrained model
+    (default 0, the encoder), or for a classifier the features its fc sees (default) or an earlier layer."""
+    source = meta.get("_source", "checkpoint")
+    if isinstance(model, SimCLRModel):
+        layers = len(model.head.layers)
+        k = 0 if head_layer is None else head_layer
+        if not 0 <= k <= layers:
+            raise ConfigError(f"--head-layer {k}: {source} has a {layers}-layer projection head (0 to {layers})")
+        if k == 0:
+            return (lambda m, x: m.encoder(x)), 0
+        return (lambda m, x: m.head.hiddens(m.encoder(x))[k]), k
+    if isinstance(model, Classifier):
+        layers = model.head_layer
+        k = layers if head_layer is None else head_layer
+        if not 0 <= k <= layers:
+            raise ConfigError(f"--head-layer {k}: the classifier {source} keeps {layers} head layer(s) before its fc (0 to {layers})")
+        if k == layers:
+            return (lambda m, x: m.features(x)), k
+        return (lambda m, x: m.head.hiddens(m.encoder(x))[k]), k
+    raise ConfigError(f"{source}: cannot take features of a {type(model).__name__}")
+
+
+def _open(checkpoint: str | os.PathLike, kind: str | None, device: str, precision: str) -> tuple[nn.Module, dict, Runtime]:
+    model, meta = load_model(checkpoint, kind)
+    meta["_source"] = str(ckpt.resolve(checkpoint))
+    rt = init_runtime(device, precision)
+    return model.to(rt.device).eval(), meta, rt
+
+
+def _spec_image(meta: dict[str, Any]) -> tuple[int, int]:
+    size = meta.get("image_size")
+    if not size:
+        raise ConfigError(f"{meta.get('_source')}: checkpoint records no image_size")
+    return int(size), int(meta["model"].get("in_channels", 3))
+
+
+def _bar(total: int, desc: str):
+    """A tqdm bar over images on a terminal (unless --quiet); None otherwise (no output at all)."""
+    if not (sys.stderr.isatty() and log.isEnabledFor(20)):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False)
+
+
+@torch.no_grad()
+def _run(model: nn.Module, fn: Callable, paths: list[str], image_size: int, channels: int, rt: Runtime,
+         batch_size: int, desc: str) -> torch.Tensor:
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    transform = EvalTransform(image_size)
+    bar = _bar(len(paths), desc)
+    outs = []
+    try:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            x = transform(load_images(chunk, image_size, channels).to(rt.device))
+            with rt.autocast():
+                outs.append(fn(model, x).float().cpu())
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    return torch.cat(outs)
+
+
+def paths_file(out: str | os.PathLike) -> Path:
+    """The sidecar listing the rows of a features file: feats.npy -> feats.paths.txt."""
+    out = Path(out)
+    return out.with_name((out.stem if out.suffix == ".npy" else out.name) + ".paths.txt")
+
+
+# ------------------------------------------------------------------------------------------ API
+
+
+def embed(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
+          head_layer: int | None = None, batch_size: int = 256, device: str = "auto", precision: str = "fp32") -> dict[str, Any]:
+    """Features of image files (float32 [N, D]): the encoder output, head layer ``head_layer`` of a
+    pretrained checkpoint, or the features a classifier's fc sees.
+
+    With ``out`` (e.g. ``feats.npy``) the array is saved there and the row order (one path per line)
+    next to it (``feats.paths.txt``). Returns features, paths, layer, checkpoint, out, paths_file.
+    """
+    paths = collect_images(images)
+    model, meta, rt = _open(checkpoint, None, device, precision)
+    fn, layer = feature_function(model, meta, head_layer)
+    size, channels = _spec_image(meta)
+    feats = _run(model, fn, paths, size, channels, rt, batch_size, "embed").numpy().astype(np.float32, copy=False)
+    result: dict[str, Any] = {"features": feats, "paths": paths, "layer": layer, "checkpoint": meta["_source"],
+                              "kind": meta["model"]["kind"], "out": None, "paths_file": None}
+    if out is not None:
+        buf = io.BytesIO()
+        np.save(buf, feats)
+        ckpt.atomic_write_bytes(out, buf.getvalue())
+        ckpt.atomic_write_text(paths_file(out), "".join(p + "\n" for p in paths))
+        result.update(out=str(out), paths_file=str(paths_file(out)))
+        log.info(f"embed: {feats.shape[0]} images -> {feats.shape[1]}-d features in {out}")
+    return result
+
+
+def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
+            batch_size: int = 256, device: str = "auto", precision: str = "fp32", top_k: int = 5) -> dict[str, Any]:
+    """Class predictions of a classifier checkpoint for image files.
+
+    Returns paths, classes, probabilities (float32 [N, C], softmax of the logits), predicted (indices)
+    and rows (path, class, probability, top5); with ``out`` also writes them as CSV (columns path,
+    class, probability, top5, the latter as ``name:p;name:p;...``, best first).
+    """
+    paths = collect_images(images)
+    model, meta, rt = _open(checkpoint, "classifier", device, precision)
+    size, channels = _spec_image(meta)
+    logits = _run(model, lambda m, x: m(x), paths, size, channels, rt, batch_size, "predict")
+    probs = logits.softmax(dim=1)
+    classes = list(meta.get("classes") or [str(i) for i in range(probs.shape[1])])
+    k = min(top_k, probs.shape[1])
+    top_p, top_i = probs.topk(k, dim=1)
+    rows = []
+    for path, ps, idx in zip(paths, top_p.tolist(), top_i.tolist()):
+        rows.append({"path": path, "class": classes[idx[0]], "probability": f"{ps[0]:.6f}",
+                     "top5": ";".join(f"{classes[i]}:{p:.4f}" for i, p in zip(idx, ps))})
+    result = {"paths": paths, "classes": classes, "probabilities": probs.numpy(), "predicted": top_i[:, 0].numpy(),
+              "rows": rows, "checkpoint": meta["_source"], "out": None}
+    if out is not None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["path", "class", "probability", "top5"], lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        ckpt.atomic_write_text(out, buf.getvalue())
+        result["out"] = str(out)
+        log.info(f"predict: {len(rows)} images -> {out}")
+    return result
+
+
+def export(checkpoint: str | os.PathLike, onnx: str | os.PathLike) -> dict[str, Any]:
+    """ONNX graph of a classifier checkpoint (fine-tuned, distilled, supervised): float images
+    [B, C, S, S] in [0, 1] (already centre-cropped and resized, as the evaluation transform does) ->
+    logits [B, classes]; the class names go to ``<onnx stem>.classes.txt``, one per line."""
+    from simclrv2.export import export_onnx
+
+    model, meta = load_model(checkpoint, "classifier")
+    meta["_source"] = str(ckpt.resolve(checkpoint))
+    size, channels = _spec_image(meta)
+    path = export_onnx(model, onnx, size, channels)
+    classes = list(meta.get("classes") or [])
+    names = path.with_name(path.stem + ".classes.txt")
+    if classes:
+        ckpt.atomic_write_text(names, "".join(c + "\n" for c in classes))
+    log.info(f"export: {meta['_source']} -> {path}")
+    return {"onnx": str(path), "checkpoint": meta["_source"], "image_size": size, "in_channels": channels,
+            "input": "images float32 [batch, %d, %d, %d] in [0, 1]" % (channels, size, size),
+            "output": f"logits float32 [batch, {len(classes) or meta['model'].get('num_classes')}]",
+            "classes_file": str(names) if classes else None}
+
+
+def import_tf(checkpoint: str | os.PathLike, out: str | os.PathLike, kind: str | None = None, head_layer: int | None = None,
+              ema: bool = False, image_size: int = 224) -> dict[str, Any]:
+    """Convert an official SimCLRv2 TF checkpoint (prefix, .index file or folder) to ``out/final.*``."""
+    from simclrv2 import tf_import
+
+    meta = tf_import.import_tf(checkpoint, out, kind, head_layer, ema, image_size)
+    c = meta["config"]
+    return {"out": str(Path(out) / "final.safetensors"), "kind": meta["kind"], "depth": c["depth"], "width": c["width"],
+            "sk": c["sk"], "head_layers": c["head_layers"], "head_layer": c["head_layer"], "num_classes": c["num_classes"],
+            "image_size": meta["image_size"], "unused_variables": meta["metadata"].get("unused_count")}
