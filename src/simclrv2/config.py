@@ -7,6 +7,7 @@ options. Every run writes its resolved config to ``OUT/config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -16,6 +17,8 @@ import yaml
 
 from simclrv2.errors import ConfigError
 
+MAX_EPOCHS = 100_000  # sanity bounds: values past these are typing mistakes, not experiments
+MAX_WIDTH = 16
 
 @dataclass
 class RunConfig:
@@ -31,6 +34,7 @@ class RunConfig:
     channels_last: bool = False
     compile: bool = False
     workers: int = 2  # decode workers for on-disk image folders
+    skip_bad_images: bool = False  # image folders: skip unreadable files (logged) instead of stopping
     resume: bool = False
     epochs: float = 10
     batch_size: int = 256  # global batch (all processes together)
@@ -148,11 +152,53 @@ STAGE_CONFIGS = {
 }
 
 
+def _check_types(cfg: RunConfig) -> None:
+    """Values from presets and --set arrive as YAML: check (and where exact, convert) each one's type."""
+    for f in fields(cfg):
+        kinds = str(f.type).replace(" ", "").split("|")
+        v = getattr(cfg, f.name)
+        if v is None and "None" in kinds:
+            continue
+        base = kinds[0]
+        ok = True
+        if base == "bool":
+            ok = isinstance(v, bool)
+        elif base == "int":
+            if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+                v = int(v)
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif base == "float":
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            v = float(v) if ok else v
+        elif base == "str":
+            ok = isinstance(v, str)
+        if not ok:
+            expected = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}.get(base, base)
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be {expected}, got {v!r}")
+        setattr(cfg, f.name, v)
+
+
 def validate(cfg: RunConfig) -> None:
     """Cheap checks of option values, before any work starts."""
     def bad(opt, msg):
         raise ConfigError(f"--{opt.replace('_', '-')} {msg}")
 
+    _check_types(cfg)
+    for f in fields(cfg):  # numbers must be numbers: no NaN or infinity
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            bad(f.name, f"must be a finite number, got {v}")
+    if not 0 <= cfg.seed < 2**63:
+        bad("seed", f"must be in [0, 2**63), got {cfg.seed}")
+    if cfg.workers < 0:
+        bad("workers", f"must be >= 0, got {cfg.workers}")
+    for name in ("checkpoint_every", "log_every", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            bad(name, f"must be >= 1, got {getattr(cfg, name)}")
+    if cfg.image_size is not None and not 8 <= cfg.image_size <= 4096:
+        bad("image_size", f"must be between 8 and 4096, got {cfg.image_size}")
+    if cfg.epochs > MAX_EPOCHS:
+        bad("epochs", f"must be at most {MAX_EPOCHS}, got {cfg.epochs}")
     if cfg.label_fraction is not None and not 0 < cfg.label_fraction <= 1:
         bad("label_fraction", f"must be in (0, 1], got {cfg.label_fraction}")
     if cfg.labels_per_class is not None and cfg.labels_per_class < 1:
@@ -181,7 +227,21 @@ def validate(cfg: RunConfig) -> None:
         bad("crop_min", f"must be in (0, 1], got {cfg.crop_min}")
     if isinstance(cfg, DistillConfig) and not 0 <= cfg.alpha <= 1:
         bad("alpha", f"must be in [0, 1], got {cfg.alpha}")
+    if getattr(cfg, "pad_crop", 0) < 0:
+        bad("pad_crop", f"must be >= 0, got {cfg.pad_crop}")
+    head_layer = getattr(cfg, "head_layer", None)
+    if head_layer is not None and not 0 <= head_layer <= 4:
+        bad("head_layer", f"{head_layer} is not available; expected 0 to 4 (at most the pretrained head's layers)")
     if isinstance(cfg, PretrainConfig):
+        if not 0 <= cfg.head_layers <= 4:
+            bad("head_layers", f"{cfg.head_layers} is not supported; expected 0 to 4")
+        for name in ("proj_dim", "knn_k", "knn_train_size"):
+            if getattr(cfg, name) < 1:
+                bad(name, f"must be >= 1, got {getattr(cfg, name)}")
+        if cfg.knn_every < 0:
+            bad("knn_every", f"must be >= 0, got {cfg.knn_every}")
+        if cfg.color_strength < 0:
+            bad("color_strength", f"must be >= 0, got {cfg.color_strength}")
         if cfg.memory_size < 0:
             bad("memory_size", f"must be >= 0, got {cfg.memory_size}")
         if not 0 <= cfg.memory_decay < 1:
@@ -191,8 +251,8 @@ def validate(cfg: RunConfig) -> None:
         if d is not None and d not in (18, 34, 50, 101, 152):
             bad(name, f"{d} is not supported; expected one of 18, 34, 50, 101, 152")
     w = getattr(cfg, "width", None)
-    if w is not None and not (w > 0 and round(64 * w) >= 1):
-        bad("width", f"{w} is not supported; expected a positive multiplier such as 0.25, 1, 2, 3")
+    if w is not None and not (0 < w <= MAX_WIDTH and round(64 * w) >= 1):
+        bad("width", f"{w} is not supported; expected a positive multiplier up to {MAX_WIDTH:g}, such as 0.25, 1, 2, 3")
 
 
 # ---------------------------------------------------------------- presets

@@ -168,6 +168,12 @@ class Progress:
             self.bar.close()
 
 
+def _divergence_advice(last: Path) -> str:
+    step = ckpt.step_of(last) if last.exists() else None
+    kept = f"the last good checkpoint {last} (step {step}) is kept" if step is not None else "no checkpoint was written"
+    return f"{kept}; try a lower --lr (with --resume to continue from it), --precision fp32, or check the data"
+
+
 def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: str | Path, stage: str,
         meta: dict[str, Any]) -> FitResult:
     """Train ``task`` on ``data`` per ``cfg``; checkpoints in ``out_dir`` (last.*, final.*).
@@ -209,16 +215,21 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
             (out / name).unlink(missing_ok=True)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temporaries(out)  # left by a process killed mid-write
         ckpt.atomic_write_text(out / "config.yaml", dump(cfg))
     rt.barrier()
 
     def save(name: str, step: int, metrics: dict[str, Any]) -> None:
-        if not rt.is_main:
-            return
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         if name == "last":
             tensors.update(optimizer_tensors(opt, params))
             tensors.update({f"extra.{k}": v for k, v in task.extra_state().items()})
+        bad = ckpt.first_non_finite(tensors)  # never replace a good checkpoint with a diverged one
+        if bad:
+            raise DivergenceError(f"{stage}: {bad} became non-finite by step {step}; {name}.safetensors not written; "
+                                  + _divergence_advice(last))
+        if not rt.is_main:
+            return
         info = dict(meta, stage=stage, step=step, epoch=step / steps_per_epoch, total_steps=total,
                     steps_per_epoch=steps_per_epoch, config=to_dict(cfg), metrics=metrics, complete=name == "final")
         ckpt.save_checkpoint(out / name, tensors, info)
@@ -258,9 +269,8 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
                 if step % cfg.log_every == 0 or epoch_end or step % cfg.checkpoint_every == 0:
                     mean_loss = loss_sum.item() / (step - last_good)
                     if not math.isfinite(mean_loss):
-                        raise DivergenceError(
-                            f"{stage}: the loss became non-finite between steps {last_good} and {step}; "
-                            f"the last good checkpoint is {last if last.exists() else 'none'}; try a lower --lr or check the data")
+                        raise DivergenceError(f"{stage}: the loss became non-finite between steps {last_good} and {step}; "
+                                              + _divergence_advice(last))
                     now = time.perf_counter()
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss, "lr": lr,
                            "images_per_s": n_window / max(now - t_window, 1e-9)}
