@@ -18,7 +18,7 @@ import yaml
 from simclrv2 import checkpoint as ckpt
 from simclrv2.config import load_preset, make_config
 from simclrv2.errors import ConfigError
-from simclrv2.report import model_name, write_report
+from simclrv2.report import model_name, pipeline_feature_map, write_report
 from simclrv2.runtime import log
 
 MODEL_KEYS = ("depth", "width", "sk")
@@ -152,6 +152,8 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
               "pretrain": {"model": model_name(ckpt.read_meta(out / "pretrain" / "final.safetensors")["model"]),
                            "knn_top1": pre.get("knn"), "seconds": pre.get("seconds"), "params": pre.get("params")},
               "total_seconds": time.perf_counter() - started}
+    # a 2-D map (t-SNE) of the final self-distilled model's test-set features, coloured by class (rank 0 only)
+    report["feature_map"] = pipeline_feature_map(out, self_dir, pre_cfg.dataset, pre_cfg.data_dir)
     write_report(out, report, curves)
     log.info(f"pipeline: report written to {out / 'report.md'}")
     return json.loads(json.dumps(report))
