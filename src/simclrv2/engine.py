@@ -154,7 +154,7 @@ class Progress:
     def update(self, step: int, info: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            if step % max(1, self.log_every // 5) == 0 or step == self.total:
+            if info:  # logged steps carry epoch, loss, lr, images/s; the others keep the last values shown
                 self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items()}, refresh=False)
         elif self.enabled and (step % self.log_every == 0 or step == self.total):
             items = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
