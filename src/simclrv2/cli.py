@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from typing import Any, Sequence
 
@@ -32,6 +33,7 @@ HELP = {
     "memory_size": "MoCo-style queue of EMA keys used as extra negatives (0 = off)",
     "teacher": "fine-tuned checkpoint (file or stage directory) that labels the images",
     "pretrained": "pretrained checkpoint (file or stage directory)",
+    "skip_bad_images": "image folders: skip unreadable image files (counted and logged) instead of stopping",
 }
 
 _TYPES = {"int": int, "float": float, "str": str}
@@ -58,8 +60,15 @@ def _stage_parser(sub, name: str, stage: str, help_: str) -> None:
     p.set_defaults(stage=stage)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"simclrv2: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="simclrv2", description="SimCLRv2: pretrain, fine-tune, distil.")
+    parser = _Parser(prog="simclrv2", description="SimCLRv2: pretrain, fine-tune, distil.")
     parser.add_argument("--version", action="version", version=f"simclrv2 {__version__}")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -168,9 +177,58 @@ def _run_stage(args) -> dict[str, Any]:
     return getattr(stages, args.stage)(cfg)
 
 
+_WORKER_TRACE = "Original Traceback"
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning)\w*: (.+)$")
+
+
+def one_line(e: BaseException) -> str:
+    """An error's message on one line. An exception re-raised from a DataLoader worker carries the
+    worker's whole traceback in its message: keep the original exception's own message."""
+    text = str(e).strip()
+    if _WORKER_TRACE in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        m = _EXC_LINE.match(lines[-1])
+        text = m.group(1) if m else lines[-1]
+    return " ".join(text.split()) or type(e).__name__
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    oom = getattr(__import__("torch"), "OutOfMemoryError", ()) if "torch" in sys.modules else ()
+    return (bool(oom) and isinstance(e, oom)) or (isinstance(e, RuntimeError) and (
+        "can't allocate memory" in str(e) or "out of memory" in str(e).lower()))
+
+
+def _is_worker_failure(e: BaseException) -> bool:
+    text = str(e)
+    return _WORKER_TRACE in text or "DataLoader worker" in text
+
+
+def _interrupted(args) -> str:
+    """How to carry on after Ctrl-C."""
+    if getattr(args, "stage", None) and getattr(args, "out", None):
+        from pathlib import Path
+
+        from simclrv2.checkpoint import step_of
+
+        last = Path(args.out) / "last.safetensors"
+        step = step_of(last) if last.exists() else None
+        if step is None:
+            return "simclrv2: interrupted before the first checkpoint; run the same command again to start over"
+        again = "run the same command again" if args.resume else "continue with the same command plus --resume"
+        return f"simclrv2: interrupted; {again} (it picks up from {last}, step {step})"
+    if args.command == "pipeline":
+        return "simclrv2: interrupted; run the same pipeline command again: finished stages are reused"
+    return "simclrv2: interrupted"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, bad arguments (already printed on one line)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     from simclrv2.runtime import setup_logging
 
     setup_logging(-1 if args.quiet else 1 if args.verbose else 0)
@@ -191,8 +249,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ResNet-{args.depth} {args.width}x{' +SK' if args.sk else ''}: {n / 1e6:.2f}M parameters, {enc.out_dim}-d features")
             return 0
         if args.command == "evaluate":
+            from simclrv2.checkpoint import read_meta
+            from simclrv2.errors import ConfigError
             from simclrv2.stages import evaluate
 
+            if args.batch_size < 1:
+                raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+            if args.dataset is None and "dataset" not in read_meta(args.checkpoint):
+                raise ConfigError(f"{args.checkpoint}: the checkpoint does not name its dataset; pass --dataset")
             result = evaluate(args.checkpoint, args.dataset, args.data_dir, args.split, args.device, args.precision, args.batch_size)
         elif args.command in ("embed", "predict", "export", "import-tf"):
             result = _run_inference(args)
@@ -207,15 +271,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result, indent=2, default=str))
         return 0
     except UserError as e:
-        print(f"simclrv2: error: {e}", file=sys.stderr)
+        print(f"simclrv2: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("simclrv2: interrupted; resume with --resume", file=sys.stderr)
+        print(_interrupted(args), file=sys.stderr)
         return 130
     except OSError as e:  # disk full, permissions, ... : name the file, no traceback
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"simclrv2: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"simclrv2: error: {where}{' '.join(str(e.strerror or one_line(e)).split())}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001 - only the kinds below; anything else is a bug and keeps its traceback
+        if _is_out_of_memory(e):
+            print(f"simclrv2: error: out of memory ({one_line(e)[:200]}); try a smaller --batch-size, "
+                  "--width or --image-size", file=sys.stderr)
+            return 1
+        if _is_worker_failure(e):
+            print(f"simclrv2: error: data loading failed: {one_line(e)}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

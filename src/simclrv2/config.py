@@ -190,8 +190,8 @@ def validate(cfg: RunConfig) -> None:
             bad(f.name, f"must be a finite number, got {v}")
     if not 0 <= cfg.seed < 2**63:
         bad("seed", f"must be in [0, 2**63), got {cfg.seed}")
-    if cfg.workers < 0:
-        bad("workers", f"must be >= 0, got {cfg.workers}")
+    if not 0 <= cfg.workers <= 256:
+        bad("workers", f"must be between 0 and 256, got {cfg.workers}")
     for name in ("checkpoint_every", "log_every", "eval_batch_size"):
         if getattr(cfg, name) < 1:
             bad(name, f"must be >= 1, got {getattr(cfg, name)}")
@@ -227,8 +227,8 @@ def validate(cfg: RunConfig) -> None:
         bad("crop_min", f"must be in (0, 1], got {cfg.crop_min}")
     if isinstance(cfg, DistillConfig) and not 0 <= cfg.alpha <= 1:
         bad("alpha", f"must be in [0, 1], got {cfg.alpha}")
-    if getattr(cfg, "pad_crop", 0) < 0:
-        bad("pad_crop", f"must be >= 0, got {cfg.pad_crop}")
+    if not 0 <= getattr(cfg, "pad_crop", 0) <= 64:
+        bad("pad_crop", f"must be between 0 and 64 pixels, got {cfg.pad_crop}")
     head_layer = getattr(cfg, "head_layer", None)
     if head_layer is not None and not 0 <= head_layer <= 4:
         bad("head_layer", f"{head_layer} is not available; expected 0 to 4 (at most the pretrained head's layers)")
@@ -238,12 +238,14 @@ def validate(cfg: RunConfig) -> None:
         for name in ("proj_dim", "knn_k", "knn_train_size"):
             if getattr(cfg, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(cfg, name)}")
+        if cfg.proj_dim > 65536:
+            bad("proj_dim", f"must be at most 65536, got {cfg.proj_dim}")
         if cfg.knn_every < 0:
             bad("knn_every", f"must be >= 0, got {cfg.knn_every}")
         if cfg.color_strength < 0:
             bad("color_strength", f"must be >= 0, got {cfg.color_strength}")
-        if cfg.memory_size < 0:
-            bad("memory_size", f"must be >= 0, got {cfg.memory_size}")
+        if not 0 <= cfg.memory_size <= 2**24:
+            bad("memory_size", f"must be between 0 (off) and {2**24}, got {cfg.memory_size}")
         if not 0 <= cfg.memory_decay < 1:
             bad("memory_decay", f"must be in [0, 1), got {cfg.memory_decay}")
     for name in ("depth",):

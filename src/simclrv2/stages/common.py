@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.config import RunConfig
-from simclrv2.data import ImageDataset, concat, load_dataset, split_labeled, write_subset_file
+from simclrv2.data import ImageDataset, ImageFolderDataset, concat, load_dataset, split_labeled, write_subset_file
 from simclrv2.data.augment import EvalTransform
 from simclrv2.engine import predict, topk_accuracy
 from simclrv2.errors import CheckpointError, ConfigError, DataError
@@ -39,18 +43,26 @@ class Data:
 
 
 def prepare_data(cfg: RunConfig, out_dir: Path | None = None, with_unlabeled_split: bool = True) -> Data:
+    """Load the splits, check every image of an on-disk image folder (:func:`check_images`), and
+    split the training images into the labeled subset and the unlabeled pool."""
     train = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.image_size)
     test = load_dataset(cfg.dataset, "test", cfg.data_dir, cfg.image_size)
+    extra = None
+    if with_unlabeled_split:
+        try:
+            extra = load_dataset(cfg.dataset, "unlabeled", cfg.data_dir, cfg.image_size)
+        except DataError:
+            pass  # this dataset has no separate unlabeled split
+    check_images([d for d in (train, test, extra) if d is not None], cfg, out_dir)
     if cfg.label_fraction == 1.0 and cfg.labels_per_class is None and cfg.subset_file is None:
         labeled, unlabeled = train, None
     else:
         labeled, unlabeled = split_labeled(train, cfg.label_fraction, cfg.labels_per_class, cfg.seed, cfg.subset_file)
+    if cfg.subset_file is not None:
+        _require_every_class(labeled, f"subset file {cfg.subset_file}")
     pools = [unlabeled] if unlabeled is not None and len(unlabeled) else []
-    if with_unlabeled_split:
-        try:
-            pools.append(load_dataset(cfg.dataset, "unlabeled", cfg.data_dir, cfg.image_size))
-        except DataError:
-            pass  # this dataset has no separate unlabeled split
+    if extra is not None:
+        pools.append(extra)
     unl = concat(pools) if pools else _empty_like(labeled)
     if out_dir is not None:
         write_subset_file(Path(out_dir) / "labeled_subset.txt", list(labeled.ids))
@@ -58,6 +70,132 @@ def prepare_data(cfg: RunConfig, out_dir: Path | None = None, with_unlabeled_spl
     if size is None:
         raise DataError(f"{cfg.dataset}: images have no fixed size; pass --image-size")
     return Data(train, test, labeled, unl, int(size), train.channels, list(train.classes))
+
+
+def _require_every_class(labeled: ImageDataset, source: str) -> None:
+    labels = np.asarray(labeled.labels)
+    counts = np.bincount(labels[labels >= 0], minlength=len(labeled.classes))
+    empty = [c for c, n in zip(labeled.classes, counts) if n == 0]
+    if empty:
+        raise DataError(f"{source} gives class '{empty[0]}' no labeled images ({len(empty)} of {len(labeled.classes)} "
+                        "classes have none); every class needs at least one labeled image")
+
+
+# ------------------------------------------------------------------ checking image folders up front
+
+IMAGE_CHECK_FILE = "image_check.json"  # in the stage directory: the result, reused on --resume
+_PARALLEL_FROM = 512  # images; fewer are checked in this process
+
+
+class _Probe(torch.utils.data.Dataset):
+    """Decodes image i exactly as training will; returns '' or the one-line reason it cannot."""
+
+    def __init__(self, ds: ImageFolderDataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> str:
+        from simclrv2.data.sources import decode_image
+
+        try:
+            decode_image(self.ds.path(i), self.ds.image_size)
+            return ""
+        except Exception as e:  # noqa: BLE001 - any failure makes the image unreadable
+            text = " ".join(str(e).split()) or type(e).__name__
+            return text if isinstance(e, DataError) else f"cannot decode image {self.ds.path(i)}: {type(e).__name__}: {text}"
+
+
+def _fingerprint(ds: ImageFolderDataset) -> str:
+    h = hashlib.sha256(f"{ds.root}\0{ds.split}\0{ds.image_size}".encode())
+    for i, name in enumerate(ds.ids):
+        try:
+            st = os.stat(ds.path(i))
+            h.update(f"\0{name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        except OSError:
+            h.update(f"\0{name}\0missing".encode())
+    return h.hexdigest()
+
+
+def _unreadable(ds: ImageFolderDataset, workers: int) -> list[tuple[int, str]]:
+    probe = _Probe(ds)
+    if workers > 0 and len(ds) >= _PARALLEL_FROM:
+        loader = torch.utils.data.DataLoader(probe, batch_size=64, num_workers=workers, collate_fn=list)
+        reasons = [r for batch in loader for r in batch]
+    else:
+        reasons = [probe[i] for i in range(len(ds))]
+    return [(i, r) for i, r in enumerate(reasons) if r]
+
+
+def _checked(ds: ImageFolderDataset, workers: int, out_dir: Path | None) -> list[tuple[str, str]]:
+    """(id, reason) of the unreadable images of ``ds``, from OUT/image_check.json when the folder
+    is unchanged since (same files, sizes and modification times), else by decoding every image."""
+    cache = Path(out_dir) / IMAGE_CHECK_FILE if out_dir is not None else None
+    key = _fingerprint(ds)
+    entries: dict[str, Any] = {}
+    if cache is not None and cache.exists():
+        try:
+            entries = json.loads(cache.read_text())
+            hit = entries.get(key)
+            if isinstance(hit, dict) and isinstance(hit.get("unreadable"), list):
+                return [(str(i), str(r)) for i, r in hit["unreadable"]]
+        except (OSError, ValueError, TypeError, AttributeError):
+            entries = {}
+    if not isinstance(entries, dict):
+        entries = {}
+    log.info(f"checking the {len(ds)} images of {ds.root} {ds.split} ...")
+    bad = [(ds.ids[i], r) for i, r in _unreadable(ds, workers)]
+    if cache is not None:
+        entries[key] = {"root": ds.root, "split": ds.split, "images": len(ds), "unreadable": bad}
+        ckpt.atomic_write_text(cache, json.dumps(entries, indent=1) + "\n")
+    return bad
+
+
+def _drop(ds: ImageFolderDataset, ids: set[str]) -> None:
+    keep = [i for i, name in enumerate(ds.ids) if name not in ids]
+    if not keep:
+        raise DataError(f"the {ds.split} split of image folder {ds.root} has no readable images")
+    ds.ids = [ds.ids[i] for i in keep]
+    ds.labels = ds.labels[np.asarray(keep, dtype=np.int64)]
+    if ds.split != "unlabeled":
+        counts = np.bincount(ds.labels, minlength=len(ds.classes))
+        empty = [c for c, n in zip(ds.classes, counts) if n == 0]
+        if empty:
+            raise DataError(f"class '{empty[0]}' of image folder {ds.root} {ds.split} has no readable images left "
+                            f"after skipping {len(ids)} unreadable ones")
+
+
+def check_images(datasets: list[ImageDataset], cfg: RunConfig, out_dir: Path | None) -> None:
+    """Decode every image of the on-disk image folders among ``datasets`` before training, so that
+    no DataLoader worker meets a bad file hours later. Unreadable files stop the stage with a
+    DataError naming the first one, or with ``cfg.skip_bad_images`` are dropped (count and first
+    names logged). In-memory datasets need no check. Under torchrun rank 0 checks and tells the others."""
+    import torch.distributed as dist
+
+    folders = [d for d in datasets if isinstance(d, ImageFolderDataset)]
+    if not folders:
+        return
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    results: list[Any] = [None]
+    if not distributed or dist.get_rank() == 0:
+        try:
+            results = [[_checked(d, cfg.workers, out_dir) for d in folders]]
+        except DataError as e:
+            results = [e]
+    if distributed:
+        dist.broadcast_object_list(results, src=0)
+    if isinstance(results[0], Exception):
+        raise results[0]
+    for ds, bad in zip(folders, results[0]):
+        if not bad:
+            continue
+        if not cfg.skip_bad_images:
+            raise DataError(f"{bad[0][1]}; {len(bad)} unreadable image(s) in {ds.root} {ds.split} "
+                            "(fix or remove them, or pass --skip-bad-images to skip them)")
+        names = ", ".join(i for i, _ in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        log.warning(f"skipping {len(bad)} unreadable image(s) of {ds.root} {ds.split}: {names}")
+        _drop(ds, {i for i, _ in bad})
 
 
 def _empty_like(ds: ImageDataset) -> ImageDataset:
@@ -77,18 +215,25 @@ def load_model(path: str | Path, kind: str | None = None) -> tuple[nn.Module, di
         expected = {"simclr": "a pretrained (pretrain/import-tf) checkpoint",
                     "classifier": "a classifier (finetune/distill/supervised) checkpoint"}[kind]
         raise CheckpointError(f"{source}: is a {spec.get('kind')!r} checkpoint of stage {meta.get('stage')!r}; expected {expected}")
-    model = build_model(spec)
-    ckpt.load_state(model, ckpt.subdict(tensors, "model."), source, f"{spec['kind']} model (depth {spec['depth']}, width {spec['width']})")
+    try:
+        model = build_model(spec)
+    except (ConfigError, CheckpointError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: invalid model spec in the checkpoint ({' '.join(str(e).split())[:200]})") from None
+    what = f"{spec.get('kind')} model (depth {spec.get('depth')}, width {spec.get('width')})"
+    ckpt.load_state(model, ckpt.subdict(tensors, "model."), source, what)
     return model, meta
 
 
 def check_compatible(meta: dict[str, Any], data: Data, source: str | Path) -> None:
+    """The checkpointed model fits the dataset: channels, and classes for a classifier."""
     spec = meta["model"]
+    source = meta.get("pretrained") or source  # name the file the model came from
     if spec.get("in_channels") != data.channels:
-        raise CheckpointError(f"{source}: model takes {spec.get('in_channels')}-channel images but {data.classes and 'the dataset'} has {data.channels} channels")
+        raise CheckpointError(f"{source}: the model takes {spec.get('in_channels')}-channel images; "
+                              f"expected {data.channels} channels for this dataset")
     n = spec.get("num_classes")
     if spec.get("kind") == "classifier" and n != len(data.classes):
-        raise CheckpointError(f"{source}: classifier has {n} classes but the dataset has {len(data.classes)}")
+        raise CheckpointError(f"{source}: the classifier has {n} classes; expected {len(data.classes)} for this dataset")
 
 
 def evaluate_classifier(model: nn.Module, data: ImageDataset, rt: Runtime, image_size: int, batch_size: int = 500) -> dict[str, float]:
