@@ -591,3 +591,24 @@ def test_cli_one_line_helper_unwraps_dataloader_worker_messages():
                         '  File "x.py", line 1, in f\n    g()\nsimclrv2.errors.DataError: cannot decode image /d/a.png: bad\n')
     assert one_line(wrapped) == "cannot decode image /d/a.png: bad"
     assert one_line(ValueError("a\n  b")) == "a b"
+
+
+def test_image_check_runs_in_workers_and_is_reused_on_resume(tmp_path, monkeypatch):
+    from simclrv2.stages import common
+
+    root = make_folder(tmp_path / "data")
+    (root / "val" / "a" / "a0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # the test split is checked too
+    monkeypatch.setattr(common, "_PARALLEL_FROM", 1)  # decode in DataLoader workers even for 33 images
+    out = tmp_path / "out"
+    rc, text = run(*folder_args(root, out, "--workers", "2", "--skip-bad-images", "--checkpoint-every", "1"))
+    assert rc == 0 and "skipping 1 unreadable image(s)" in text and "val/a/a0.png" in text, text
+
+    def must_not_run(*a):
+        raise AssertionError("the image check was not reused")
+
+    monkeypatch.setattr(common, "_unreadable", must_not_run)
+    (out / "final.safetensors").unlink()  # as if killed before the end
+    assert run(*folder_args(root, out, "--workers", "2", "--skip-bad-images", "--checkpoint-every", "1", "--resume"))[0] == 0
+    (root / "train" / "a" / "a1.png").touch()  # a changed folder is checked again
+    with pytest.raises(AssertionError, match="not reused"):
+        run(*folder_args(root, out, "--workers", "2", "--skip-bad-images", "--resume"))
