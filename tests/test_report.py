@@ -14,11 +14,24 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def tiny_classifier(tmp_path_factory):
-    import simclrv2
+    """A digits classifier checkpoint (random weights: the map needs no training) and its metrics.jsonl."""
+    import torch
+
+    from simclrv2.checkpoint import save_checkpoint
+    from simclrv2.metrics import MetricsWriter
+    from simclrv2.models import build_model, model_spec
 
     out = tmp_path_factory.mktemp("report") / "sup"
-    simclrv2.supervised(out=str(out), dataset="digits", depth=18, width=0.0625, epochs=3, batch_size=50,
-                        precision="fp32", label_fraction=0.1, log_every=1)
+    torch.manual_seed(0)
+    spec = model_spec("classifier", depth=18, width=0.0625, sk=False, small_images=True, in_channels=1,
+                      head_layers=0, num_classes=10, head_layer=0)
+    model = build_model(spec)
+    meta = {"model": spec, "classes": [str(i) for i in range(10)], "dataset": "digits", "image_size": 16,
+            "stage": "supervised", "complete": True}
+    save_checkpoint(out / "final", {f"model.{k}": v for k, v in model.state_dict().items()}, meta)
+    with MetricsWriter(out, tensorboard=False) as m:
+        for step in range(1, 7):
+            m.write({"step": step, "epoch": step / 2, "loss": 2.3 / step ** 0.5, "lr": 0.1, "images_per_s": 100.0})
     return out
 
 

@@ -121,5 +121,5 @@ def test_sk_first_block_shortcut_pools_and_odd_sizes_run():
     enc = build_resnet(50, 0.0625, selective_kernel=True).eval()
     assert isinstance(enc.layer1[0].downsample[0], AvgPool2dSame)
     assert isinstance(enc.layer2[0].downsample[0], AvgPool2dFixedPadding)
-    for size in (64, 65, 97, 100):  # odd intermediate sizes: TF's fixed padding keeps the branches aligned
+    for size in (50, 65):  # odd intermediate sizes: TF's fixed padding keeps the branches aligned
         assert enc(torch.rand(1, 3, size, size)).shape == (1, enc.out_dim)

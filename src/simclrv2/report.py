@@ -198,10 +198,10 @@ def _plot_curves(path: Path, curves: dict[str, str]) -> bool:
 
 def _umap_available() -> bool:
     try:
-        import umap  # noqa: F401
+        import umap
     except Exception:  # noqa: BLE001 - optional, and its import can fail in many ways (numba)
         return False
-    return True
+    return hasattr(umap, "UMAP")  # not a leftover namespace folder of an uninstalled package
 
 
 def _class_colors(n: int):
@@ -227,11 +227,16 @@ def embed_2d(features, seed: int = 0, method: str = "t-SNE"):
     if method == "UMAP":
         import umap
 
-        return umap.UMAP(n_neighbors=min(15, n - 1), random_state=seed).fit_transform(x)
+        return umap.UMAP(n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1).fit_transform(x)
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
-    return TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed).fit_transform(x)
+    tsne = TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
+    # one OpenMP thread: scikit-learn's OpenMP runtime spin-waits next to torch's, and a few thousand
+    # points take seconds on one core but can take minutes with oversubscribed threads
+    with threadpool_limits(1, user_api="openmp"):
+        return tsne.fit_transform(x)
 
 
 def plot_feature_map(path: Path, maps: dict[str, Any], labels, classes: list[str], title: str) -> None:
