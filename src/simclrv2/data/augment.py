@@ -24,16 +24,26 @@ parameters:
    * hue: rotate the hue in HSV space by ``d ~ U[-0.2 s, 0.2 s]`` of a full turn (exact HSV
      round trip, as ``tf.image.adjust_hue``);
 
-   ``gray`` uses the ITU-R 601 luma weights (0.299, 0.587, 0.114);
+   ``gray`` uses the ITU-R 601 luma weights (0.299, 0.587, 0.114).  Contrast and saturation
+   follow torchvision; the official TF code uses the per-channel mean for contrast and scales
+   the HSV saturation;
 4. grayscale with probability ``gray_p`` (luma replicated to the 3 channels);
 5. if ``blur``: Gaussian blur with probability ``blur_p``, ``sigma ~ U[blur_sigma]``, separable
    kernel of ``2 * ((S // 10) // 2) + 1`` taps (≈ 10 % of the side, odd: 23 at 224 px, as the
-   official code), reflect padding at the borders.
+   official code), reflect padding at the borders (the official code pads with zeros).
 
 Single-channel images (e.g. Fashion-MNIST): the output keeps 1 channel; brightness and
 contrast apply (the grayscale of a 1-channel image is the image itself), while saturation, hue
 and grayscale are no-ops.  Their random numbers are still drawn, so a given generator state
 consumes the same amount of randomness whatever the channel count.
+
+Implementation (no Python loop over images): the crop is one ``grid_sample``; brightness,
+contrast and saturation are each a per-image affine map ``a x + b gray(x) + c mean(gray(x))``,
+so each of the 4 positions of the random order is one batched op, and the hue rotation runs on
+the images whose op at that position is hue; the blur is a grouped 1-D convolution on the
+blurred images.  On the CPU the batch is processed in chunks of ~2M output values so that the
+elementwise passes stay in cache.  ``bench/augment_bench.py`` compares this with kornia
+(2.5-5x faster here, see BENCHMARKS.md).
 
 Randomness and determinism: all random parameters are drawn on the CPU, from the CPU
 ``torch.Generator`` passed to ``forward`` (or torch's default CPU generator when none is given)
