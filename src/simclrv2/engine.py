@@ -5,6 +5,12 @@ learning-rate schedule, optimiser, precision, DDP, logging and progress, atomic 
 resume, and the divergence check. Everything that decides a step's result is a function of
 (seed, step), so a resumed run replays exactly the schedule, data order and augmentations of an
 uninterrupted one.
+
+Under torchrun the same holds across processes: rank r of N trains on rows ``r·b:(r+1)·b`` of
+each global batch (b = batch / N), with the augmentation parameters of those rows drawn as one
+process would draw them for the whole global batch (:func:`step_generator`,
+:func:`batch_rows`), so N processes compute the update of one process (see
+:mod:`simclrv2.distributed` for the loss and gradient side).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch import nn
 from simclrv2 import checkpoint as ckpt
 from simclrv2.config import RunConfig, dump, to_dict
 from simclrv2.data import ImageDataset
+from simclrv2.distributed import all_reduce_mean, same_on_all_ranks
 from simclrv2.errors import CheckpointError, ConfigError, DivergenceError
 from simclrv2.metrics import MetricsWriter
 from simclrv2.optim import LARS, WarmupCosine, param_groups, scale_lr, set_lr
@@ -35,6 +42,12 @@ class Task:
     """What a stage trains. Subclasses set ``model`` and implement ``loss``.
 
     ``net`` is what the step calls: ``model`` itself, or its DDP wrapper under torchrun.
+
+    ``loss`` gets this process's slice of the global batch and the step's ``generator``, which is
+    the same on every process: augmentations draw their parameters for the whole global batch
+    from it and apply this process's rows (``batch_rows(len(images), rt)``), so the views do
+    not depend on the number of processes. A loss must be a mean over this process's equal
+    share of the global batch's terms (DDP averages the gradients over processes).
     """
 
     model: nn.Module
@@ -68,11 +81,18 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    """The augmentation RNG of one step: a pure function of (seed, step, rank)."""
+def step_generator(seed: int, step: int, device: torch.device | None = None) -> torch.Generator:
+    """The augmentation RNG of one step: a CPU generator, a pure function of (seed, step), the
+    same on every process (each draws for the global batch and keeps its rows, :func:`batch_rows`)."""
     g = torch.Generator(device="cpu")
-    g.manual_seed((seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63))
+    g.manual_seed((seed * 1_000_003 + step * 7_919) % (2**63))
     return g
+
+
+def batch_rows(local_batch: int, rt: Runtime) -> tuple[int, int]:
+    """(offset, total): this process's images are rows ``offset:offset+local_batch`` of a global
+    batch of ``total`` rows (the slicing of :class:`BatchStream`)."""
+    return rt.rank * local_batch, local_batch * rt.world_size
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -213,6 +233,9 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
         # a fresh start must not leave an older run's resume point behind
         for name in ("last.safetensors", "last.json", "metrics.jsonl"):
             (out / name).unlink(missing_ok=True)
+    if not same_on_all_ranks(start, rt.device):
+        raise CheckpointError(f"{stage}: the processes disagree on the resume step ({last} differs between machines?); "
+                              "OUT must be on a file system that every node sees")
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temporaries(out)  # left by a process killed mid-write
@@ -254,7 +277,7 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
             for images, labels in stream.epoch(epoch, first):
                 lr = schedule(step)
                 set_lr(opt, lr)
-                gen = step_generator(cfg.seed, step, rt.rank, rt.device)
+                gen = step_generator(cfg.seed, step, rt.device)
                 with rt.autocast():
                     loss, parts = task.loss(images, labels, gen)
                 opt.zero_grad(set_to_none=True)
@@ -267,14 +290,16 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
 
                 epoch_end = step % steps_per_epoch == 0 or step == total
                 if step % cfg.log_every == 0 or epoch_end or step % cfg.checkpoint_every == 0:
-                    mean_loss = loss_sum.item() / (step - last_good)
+                    # the global batch's values: the mean over processes of their (equal-share) means
+                    logged = all_reduce_mean(torch.stack([loss_sum, *(v.detach().float() for v in parts.values())]))
+                    mean_loss = logged[0].item() / (step - last_good)
                     if not math.isfinite(mean_loss):
                         raise DivergenceError(f"{stage}: the loss became non-finite between steps {last_good} and {step}; "
                                               + _divergence_advice(last))
                     now = time.perf_counter()
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss, "lr": lr,
                            "images_per_s": n_window / max(now - t_window, 1e-9)}
-                    row.update({k: float(v) for k, v in parts.items()})
+                    row.update({k: float(v) for k, v in zip(parts, logged[1:])})
                     loss_sum.zero_()
                     last_good, t_window, n_window = step, now, 0
                     if epoch_end:

@@ -15,10 +15,9 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     and the offset of this rank's slice. Without an initialised process group: ``(x, 0)``."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    import torch.distributed.nn.functional as dist_nn
+    from simclrv2.distributed import all_gather_grad
 
-    parts = dist_nn.all_gather(x)
-    return torch.cat(parts, dim=0), dist.get_rank() * x.shape[0]
+    return all_gather_grad(x), dist.get_rank() * x.shape[0]
 
 
 class NTXentLoss(nn.Module):
@@ -84,6 +83,9 @@ class DistillationLoss(nn.Module):
         L = (1 - α) · CE(student_logits, labels) + α · L_distill
 
     CE is the mean over the labelled rows (label >= 0); with α = 1 (default) labels are unused.
+    ``num_labelled`` (optional) replaces this batch's count of labelled rows as the CE
+    denominator (multi-process training passes the global count / processes, so that the
+    average over processes is the global batch's mean).
     The teacher is fixed: no gradient flows into ``teacher_logits``.
     """
 
@@ -96,7 +98,8 @@ class DistillationLoss(nn.Module):
         self.temperature = temperature
         self.alpha = alpha
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
+                num_labelled: torch.Tensor | None = None) -> torch.Tensor:
         t = self.temperature
         p_teacher = F.softmax(teacher_logits.detach().float() / t, dim=1)
         log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
@@ -105,10 +108,14 @@ class DistillationLoss(nn.Module):
             if labels is None:
                 raise ValueError("DistillationLoss with alpha < 1 needs labels")
             labelled = labels >= 0
-            ce = (
-                F.cross_entropy(student_logits.float()[labelled], labels[labelled])
-                if labelled.any()
-                else student_logits.sum() * 0.0
-            )
+            if num_labelled is not None:
+                ce_rows = F.cross_entropy(student_logits.float(), labels.clamp_min(0), reduction="none")
+                ce = (ce_rows * labelled).sum() / num_labelled
+            else:
+                ce = (
+                    F.cross_entropy(student_logits.float()[labelled], labels[labelled])
+                    if labelled.any()
+                    else student_logits.sum() * 0.0
+                )
             loss = (1.0 - self.alpha) * ce + self.alpha * loss
         return loss

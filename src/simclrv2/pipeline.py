@@ -9,6 +9,7 @@ pipeline is simply run again.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,9 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
     if student:
         configs.append(cfg("distill", "distill_small", out="x", teacher="x", label_fraction=first, **student))
     resolved = {"preset": preset_name, "label_fractions": fractions, **preset}
-    ckpt.atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes files
+    if main:
+        ckpt.atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
@@ -153,7 +156,8 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
                            "knn_top1": pre.get("knn"), "seconds": pre.get("seconds"), "params": pre.get("params")},
               "total_seconds": time.perf_counter() - started}
     # a 2-D map (t-SNE) of the final self-distilled model's test-set features, coloured by class (rank 0 only)
-    report["feature_map"] = pipeline_feature_map(out, self_dir, pre_cfg.dataset, pre_cfg.data_dir)
-    write_report(out, report, curves)
+    if main:
+        report["feature_map"] = pipeline_feature_map(out, self_dir, pre_cfg.dataset, pre_cfg.data_dir)
+        write_report(out, report, curves)
     log.info(f"pipeline: report written to {out / 'report.md'}")
     return json.loads(json.dumps(report))

@@ -17,8 +17,8 @@ from torch import nn
 from simclrv2 import checkpoint as ckpt
 from simclrv2.config import DistillConfig, FinetuneConfig, LinearEvalConfig, RunConfig, SupervisedConfig
 from simclrv2.data.augment import FinetuneAugment
-from simclrv2.distributed import wrap_model
-from simclrv2.engine import Task, fit
+from simclrv2.distributed import global_count_share, wrap_model
+from simclrv2.engine import Task, batch_rows, fit
 from simclrv2.errors import ConfigError
 from simclrv2.losses import DistillationLoss
 from simclrv2.models import Classifier, build_model, count_params, model_spec
@@ -36,7 +36,7 @@ class ClassificationTask(Task):
         if frozen_encoder:
             model.encoder.requires_grad_(False)
             model.head.requires_grad_(False)
-        self.net = wrap_model(model, rt, cfg.sync_bn and not frozen_encoder)
+        self.net = wrap_model(model, rt, cfg.sync_bn and not frozen_encoder, cfg.compile)
         self.augment = FinetuneAugment(image_size, crop_scale=(cfg.crop_min, 1.0), pad_crop=cfg.pad_crop)
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.distill = distill
@@ -48,7 +48,7 @@ class ClassificationTask(Task):
             self.model.head.eval()
 
     def loss(self, images, labels, generator):
-        x = self.augment(images, generator)
+        x = self.augment(images, generator, rows=batch_rows(images.shape[0], self.rt))  # drawn for the global batch
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = self.net(x)
@@ -57,7 +57,8 @@ class ClassificationTask(Task):
             return loss, {}
         with torch.no_grad():
             teacher_logits = self.teacher(x)  # the same augmented view as the student
-        return self.distill(logits, teacher_logits, labels), {}
+        share = global_count_share(labels >= 0) if self.distill.alpha < 1.0 and self.rt.distributed else None
+        return self.distill(logits, teacher_logits, labels, share), {}
 
 
 def _train_classifier(stage: str, cfg: RunConfig, model: Classifier, data, rt: Runtime, train_set, out: Path,

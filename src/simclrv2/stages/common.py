@@ -17,6 +17,7 @@ from simclrv2 import checkpoint as ckpt
 from simclrv2.config import RunConfig
 from simclrv2.data import ImageDataset, ImageFolderDataset, concat, load_dataset, split_labeled, write_subset_file
 from simclrv2.data.augment import EvalTransform
+from simclrv2.distributed import broadcast_object
 from simclrv2.engine import predict, topk_accuracy
 from simclrv2.errors import CheckpointError, ConfigError, DataError
 from simclrv2.models import build_model
@@ -266,14 +267,34 @@ def log_result(stage: str, result: dict[str, Any]) -> None:
 def to_device(model: nn.Module, rt: Runtime, channels_last: bool) -> nn.Module:
     model = model.to(rt.device)
     if channels_last:
+        if rt.device.type == "cpu":
+            _check_cpu_channels_last(model)
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
+def _check_cpu_channels_last(model: nn.Module) -> None:
+    """oneDNN on the CPU (seen with torch 2.13) intermittently computes wrong weight gradients
+    (errors of 10-100%) for channels_last 1x1 strided convolutions with fewer than 8 input
+    channels, i.e. the projection shortcuts of very narrow ResNets (width 1/16); refuse them."""
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 8):
+            raise ConfigError(f"--channels-last on the CPU: {name} ({m.in_channels} input channels, 1x1 stride "
+                              f"{m.stride[0]}) would get wrong gradients from oneDNN; use a wider model or no --channels-last")
+
+
 def finish(out: Path, rt: Runtime, result: dict[str, Any]) -> None:
-    """Store the stage result in final.json/final.safetensors metadata (rewritten atomically)."""
-    if not rt.is_main:
-        return
-    tensors, meta = ckpt.load_checkpoint(out / "final.safetensors")
-    meta["result"] = result
-    ckpt.save_checkpoint(out / "final", tensors, meta)
+    """Store the stage result in final.json/final.safetensors metadata (rewritten atomically).
+
+    Under torchrun only rank 0 (which alone evaluated) writes, and ``result`` is replaced in
+    place by rank 0's on every rank, so that every process returns the same result.
+    """
+    if rt.is_main:
+        tensors, meta = ckpt.load_checkpoint(out / "final.safetensors")
+        meta["result"] = result
+        ckpt.save_checkpoint(out / "final", tensors, meta)
+    if rt.distributed:
+        main_result = broadcast_object(result)  # on rank 0: ``result`` itself
+        if not rt.is_main:
+            result.clear()
+            result.update(main_result)

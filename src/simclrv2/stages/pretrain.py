@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from simclrv2.config import PretrainConfig
 from simclrv2.data.augment import EvalTransform, PretrainAugment
-from simclrv2.distributed import wrap_model
-from simclrv2.engine import Task, fit, knn_accuracy, predict
+from simclrv2.distributed import global_count_share, wrap_model
+from simclrv2.engine import Task, batch_rows, fit, knn_accuracy, predict
 from simclrv2.losses import NTXentLoss, gather_with_grad
 from simclrv2.models import SimCLRModel, build_model, count_params, model_spec
 from simclrv2.runtime import Runtime, init_runtime, log
@@ -25,7 +25,7 @@ class ContrastiveTask(Task):
 
     def __init__(self, model: SimCLRModel, cfg: PretrainConfig, data: Data, rt: Runtime):
         self.model, self.cfg, self.data, self.rt = model, cfg, data, rt
-        self.net = wrap_model(model, rt, cfg.sync_bn)
+        self.net = wrap_model(model, rt, cfg.sync_bn, cfg.compile)
         self.augment = PretrainAugment(data.image_size, crop_scale=(cfg.crop_min, 1.0), color_strength=cfg.color_strength,
                                        blur=cfg.blur)
         self.criterion = NTXentLoss(cfg.temperature, gather_distributed=rt.distributed)
@@ -38,7 +38,11 @@ class ContrastiveTask(Task):
             self.queue_ptr = torch.zeros((), dtype=torch.long, device=rt.device)
 
     def views(self, images, generator):
-        v = self.augment(torch.cat([images, images]), generator)  # both views in one batch, as the official code
+        """[view 1; view 2] of this process's images: each view's parameters drawn for the global batch."""
+        rows = batch_rows(images.shape[0], self.rt)
+        v1 = self.augment(images, generator, rows=rows)
+        v2 = self.augment(images, generator, rows=rows)
+        v = torch.cat([v1, v2])  # both views in one batch (one BN population), as the official code
         return v.contiguous(memory_format=torch.channels_last) if self.channels_last else v
 
     def loss(self, images, labels, generator):
@@ -57,9 +61,10 @@ class ContrastiveTask(Task):
         if probe_logits is not None:
             y = torch.cat([labels, labels])
             labelled = y >= 0
-            # masked mean keeps the probe in the graph even when a batch has no labels (DDP needs that)
+            # masked mean keeps the probe in the graph even when a batch has no labels (DDP needs that);
+            # the denominator is the global batch's count (per process) so that DDP's average is its mean
             ce = F.cross_entropy(probe_logits.float(), y.clamp_min(0), reduction="none")
-            probe_loss = (ce * labelled).sum() / labelled.sum().clamp_min(1)
+            probe_loss = (ce * labelled).sum() / global_count_share(labelled)
             loss = loss + probe_loss
             parts["probe_loss"] = probe_loss.detach()
         return loss, parts
@@ -74,8 +79,9 @@ class ContrastiveTask(Task):
         torch._foreach_add_(ema_params, list(self.model.parameters()), alpha=1 - d)
         for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
             b_ema.copy_(b)
-        keys, _ = gather_with_grad(self._pending_keys)  # every rank enqueues the keys of all ranks
-        self._enqueue(keys)
+        # every rank enqueues the keys of all ranks, in the global batch's order [view 1 of all; view 2 of all]
+        k1, k2 = self._pending_keys.chunk(2)
+        self._enqueue(torch.cat([gather_with_grad(k1)[0], gather_with_grad(k2)[0]]))
 
     def _enqueue(self, keys):
         size = self.queue.shape[0]
