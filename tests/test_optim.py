@@ -74,3 +74,27 @@ def test_classifier_is_excluded_like_the_official_head_supervised():
     assert id(model.fc.weight) in ids and id(model.fc.bias) in ids
     assert id(model.encoder.conv1.weight) in {id(p) for p in adapted["params"]}
     assert all(p.ndim > 1 for p in adapted["params"])
+
+
+def test_pretraining_probe_gets_its_scaled_lr_and_normalised_features():
+    from simclrv2.config import make_config
+    from simclrv2.engine import build_optimizer
+    from simclrv2.models import build_model, model_spec
+    from simclrv2.optim import set_lr
+
+    cfg = make_config("pretrain", out="unused", dataset="digits", depth=18, width=0.0625, probe_lr_scale=0.01)
+    spec = model_spec("simclr", depth=18, width=0.0625, sk=False, small_images=True, in_channels=1, num_classes=10,
+                      probe_norm=True)
+    model = build_model(spec)
+    opt = build_optimizer(model, cfg)
+    set_lr(opt, 2.0)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(model.probe.weight)] == lr_of[id(model.probe.bias)] == pytest.approx(0.02)
+    assert lr_of[id(model.encoder.conv1.weight)] == 2.0
+    assert len(lr_of) == sum(1 for p in model.parameters() if p.requires_grad)  # every parameter exactly once
+    # the probe reads BN-normalised stop-gradient features: scaling the features leaves its logits unchanged
+    model.train()
+    h = torch.randn(32, model.encoder.out_dim)
+    a = model.probe(model.probe_bn(h))
+    b = model.probe(model.probe_bn(h * 50 + 3))
+    assert torch.allclose(a, b, atol=1e-3)

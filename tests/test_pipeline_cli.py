@@ -83,3 +83,17 @@ def test_presets_load_into_valid_configs():
 def test_parse_overrides():
     assert parse_overrides(["pretrain.epochs=5", "seed=1", "finetune.head-layer=0"]) == {
         "pretrain": {"epochs": 5}, "seed": 1, "finetune": {"head_layer": 0}}
+
+
+def test_labels_per_class_overrides_the_default_fraction(tmp_path):
+    from simclrv2.data import load_dataset
+
+    out = tmp_path / "sup"
+    r = run_cli("supervised", "--dataset", "digits", "--labels-per-class", "4", "--batch-size", "20", "--epochs", "1",
+                "--depth", "18", "--width", "0.0625", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    ids = (out / "labeled_subset.txt").read_text().split()
+    train = load_dataset("digits", "train")
+    label_of = dict(zip(train.ids, train.labels))
+    per_class = [sum(1 for i in ids if label_of[i] == c) for c in range(10)]
+    assert per_class == [4] * 10

@@ -116,7 +116,9 @@ def test_supervised_baseline_learns(tmp_path):
     result = supervised(cfg)
     assert result["top1"] > 30
     again = evaluate(str(tmp_path))
-    assert again["top1"] == pytest.approx(result["top1"])
+    # the same weights from the checkpoint; a borderline image may flip with the thread count /
+    # batch shape oneDNN sees (1 image of 360 = 0.28 points)
+    assert again["top1"] == pytest.approx(result["top1"], abs=0.6)
 
 
 def test_memory_queue_fills_with_ema_keys(tmp_path):

@@ -72,6 +72,7 @@ class PretrainConfig(RunConfig):
     memory_size: int = 0  # 0: off; else the FIFO queue length of EMA keys (MoCo-style)
     memory_decay: float = 0.999
     probe: bool = True  # online linear probe on stop-gradient features (labeled subset)
+    probe_lr_scale: float = 0.01  # the probe's lr relative to the encoder's (monitoring only; few labels per batch)
     knn_every: float = 1  # epochs between kNN evaluations on the test split (0: off)
     knn_k: int = 200
     knn_train_size: int = 10000
@@ -248,6 +249,8 @@ def validate(cfg: RunConfig) -> None:
             bad("memory_size", f"must be between 0 (off) and {2**24}, got {cfg.memory_size}")
         if not 0 <= cfg.memory_decay < 1:
             bad("memory_decay", f"must be in [0, 1), got {cfg.memory_decay}")
+        if not 0 <= cfg.probe_lr_scale <= 1e3:
+            bad("probe_lr_scale", f"must be between 0 and 1000, got {cfg.probe_lr_scale}")
     for name in ("depth",):
         d = getattr(cfg, name, None)
         if d is not None and d not in (18, 34, 50, 101, 152):

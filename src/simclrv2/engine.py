@@ -137,6 +137,15 @@ class BatchStream:
 
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
+    probe_scale = getattr(cfg, "probe_lr_scale", 1.0)
+    probe = [p for n, p in model.named_parameters() if n.startswith("probe.") and p.requires_grad]
+    if probe and probe_scale != 1.0:
+        # the monitoring probe sees a few labeled images per batch (2-3 of 256 at 1% labels): at the
+        # encoder's LARS-sized lr, plain momentum SGD on it overshoots (probe losses in the tens to hundreds)
+        ids = {id(p) for p in probe}
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in ids]
+        groups.append({"params": probe, "weight_decay": 0.0, "layer_adaptation": False, "lr_scale": probe_scale})
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "lars":
         return LARS(groups, lr=0.0, momentum=0.9)
@@ -192,6 +201,20 @@ def _divergence_advice(last: Path) -> str:
     step = ckpt.step_of(last) if last.exists() else None
     kept = f"the last good checkpoint {last} (step {step}) is kept" if step is not None else "no checkpoint was written"
     return f"{kept}; try a lower --lr (with --resume to continue from it), --precision fp32, or check the data"
+
+
+def train_step(task: Task, opt: torch.optim.Optimizer, rt: Runtime, images: torch.Tensor, labels: torch.Tensor,
+               lr: float, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimisation step of :func:`fit` at learning rate ``lr``: loss, backward, update,
+    ``task.after_step()``; returns ``task.loss``'s (loss, parts). ``bench/run.py`` times it."""
+    set_lr(opt, lr)
+    with rt.autocast():
+        loss, parts = task.loss(images, labels, generator)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    task.after_step()
+    return loss, parts
 
 
 def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: str | Path, stage: str,
@@ -276,14 +299,8 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
             epoch, first = divmod(step, steps_per_epoch)
             for images, labels in stream.epoch(epoch, first):
                 lr = schedule(step)
-                set_lr(opt, lr)
                 gen = step_generator(cfg.seed, step, rt.device)
-                with rt.autocast():
-                    loss, parts = task.loss(images, labels, gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                task.after_step()
+                loss, parts = train_step(task, opt, rt, images, labels, lr, gen)
                 loss_sum += loss.detach()
                 step += 1
                 n_window += images.shape[0] * rt.world_size

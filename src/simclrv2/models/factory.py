@@ -8,13 +8,17 @@ from simclrv2.errors import CheckpointError
 from simclrv2.models.head import Classifier, ProjectionHead, SimCLRModel
 from simclrv2.models.resnet import build_resnet
 
-SPEC_KEYS = ("kind", "depth", "width", "sk", "small_images", "in_channels", "head_layers", "proj_dim", "num_classes", "head_layer")
+SPEC_KEYS = ("kind", "depth", "width", "sk", "small_images", "in_channels", "head_layers", "proj_dim", "num_classes", "head_layer", "probe_norm")
 
 
 def model_spec(kind: str, *, depth: int, width: float, sk: bool, small_images: bool, in_channels: int,
-               head_layers: int = 3, proj_dim: int = 128, num_classes: int | None = None, head_layer: int = 0) -> dict:
-    return dict(kind=kind, depth=depth, width=width, sk=sk, small_images=small_images, in_channels=in_channels,
+               head_layers: int = 3, proj_dim: int = 128, num_classes: int | None = None, head_layer: int = 0,
+               probe_norm: bool = False) -> dict:
+    spec = dict(kind=kind, depth=depth, width=width, sk=sk, small_images=small_images, in_channels=in_channels,
                 head_layers=head_layers, proj_dim=proj_dim, num_classes=num_classes, head_layer=head_layer)
+    if probe_norm:
+        spec["probe_norm"] = True
+    return spec
 
 
 def build_model(spec: dict) -> nn.Module:
@@ -23,7 +27,8 @@ def build_model(spec: dict) -> nn.Module:
     try:
         encoder = build_resnet(spec["depth"], spec["width"], spec["sk"], spec["small_images"], spec["in_channels"])
         if spec["kind"] == "simclr":
-            return SimCLRModel(encoder, spec["head_layers"], spec["proj_dim"], probe_classes=spec.get("num_classes"))
+            return SimCLRModel(encoder, spec["head_layers"], spec["proj_dim"], probe_classes=spec.get("num_classes"),
+                                probe_norm=bool(spec.get("probe_norm", False)))
         if spec["kind"] == "classifier":
             head = ProjectionHead(encoder.out_dim, spec["head_layers"], spec["proj_dim"]).truncated(spec["head_layer"])
             return Classifier(encoder, spec["num_classes"], head)

@@ -77,13 +77,18 @@ class SimCLRModel(nn.Module):
 
     ``probe_classes``: also hold an online linear probe (``probe``) for monitoring; it is trained
     on stop-gradient features by the pretraining stage and is not part of the forward pass.
+    ``probe_norm``: the probe reads the features through a BatchNorm without affine parameters
+    (``probe_bn``, as MAE's linear probe), so that its learning rate does not depend on the
+    features' scale; off, it reads raw features, as the official head_supervised (TF import).
     """
 
-    def __init__(self, encoder: nn.Module, head_layers: int = 3, proj_dim: int = 128, probe_classes: int | None = None):
+    def __init__(self, encoder: nn.Module, head_layers: int = 3, proj_dim: int = 128, probe_classes: int | None = None,
+                 probe_norm: bool = False):
         super().__init__()
         self.encoder = encoder
         self.head = ProjectionHead(encoder.out_dim, head_layers, proj_dim)
         self.probe = nn.Linear(encoder.out_dim, probe_classes) if probe_classes else None
+        self.probe_bn = nn.BatchNorm1d(encoder.out_dim, affine=False) if probe_classes and probe_norm else None
 
     def forward(self, x: torch.Tensor, probe: bool = False):
         """(h, z); with ``probe=True`` also the probe's logits on stop-gradient h (None without a probe)."""
@@ -91,7 +96,10 @@ class SimCLRModel(nn.Module):
         z = self.head(h)
         if not probe:
             return h, z
-        return h, z, (self.probe(h.detach()) if self.probe is not None else None)
+        if self.probe is None:
+            return h, z, None
+        f = h.detach()
+        return h, z, self.probe(self.probe_bn(f) if self.probe_bn is not None else f)
 
 
 class Classifier(nn.Module):

@@ -58,7 +58,8 @@ def prepare_data(cfg: RunConfig, out_dir: Path | None = None, with_unlabeled_spl
     if cfg.label_fraction == 1.0 and cfg.labels_per_class is None and cfg.subset_file is None:
         labeled, unlabeled = train, None
     else:
-        labeled, unlabeled = split_labeled(train, cfg.label_fraction, cfg.labels_per_class, cfg.seed, cfg.subset_file)
+        fraction = None if cfg.labels_per_class is not None else cfg.label_fraction  # a count overrides the fraction
+        labeled, unlabeled = split_labeled(train, fraction, cfg.labels_per_class, cfg.seed, cfg.subset_file)
     if cfg.subset_file is not None:
         _require_every_class(labeled, f"subset file {cfg.subset_file}")
     pools = [unlabeled] if unlabeled is not None and len(unlabeled) else []

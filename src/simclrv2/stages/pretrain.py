@@ -144,7 +144,7 @@ def pretrain(cfg: PretrainConfig, rt: Runtime | None = None) -> dict[str, Any]:
     data = prepare_data(cfg, out if rt.is_main else None)
     spec = model_spec("simclr", depth=cfg.depth, width=cfg.width, sk=cfg.sk, small_images=data.small_images,
                       in_channels=data.channels, head_layers=cfg.head_layers, proj_dim=cfg.proj_dim,
-                      num_classes=len(data.classes) if cfg.probe else None)
+                      num_classes=len(data.classes) if cfg.probe else None, probe_norm=cfg.probe)
     model = to_device(build_model(spec), rt, cfg.channels_last)
     task = ContrastiveTask(model, cfg, data, rt)
     meta = {"model": spec, "classes": data.classes, "dataset": cfg.dataset, "image_size": data.image_size}
