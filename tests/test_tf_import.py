@@ -123,7 +123,6 @@ def test_reader_returns_every_tensor_as_written(name):
 
 
 def test_index_bytes_match_the_protobuf_runtime():
-    pb = pytest.importorskip("google.protobuf")  # noqa: F841
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     f = descriptor_pb2.FileDescriptorProto(name="bundle_check.proto", package="t", syntax="proto3")
@@ -257,8 +256,8 @@ def test_import_tf_writes_our_checkpoint(tmp_path):
 
 
 def test_import_tf_loads_with_the_project_checkpoint_module(tmp_path):
-    ckpt = pytest.importorskip("simclrv2.checkpoint")
-    factory = pytest.importorskip("simclrv2.models.factory")
+    from simclrv2 import checkpoint as ckpt
+    from simclrv2.models import factory
     for kind in ("simclr", "classifier"):
         import_tf(fx.fixture_prefix(FIXTURES[1]), tmp_path / kind, kind=kind)
         tensors, meta = ckpt.load_checkpoint(tmp_path / kind)

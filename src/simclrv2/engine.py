@@ -291,7 +291,7 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
     task.train()
     t0 = time.perf_counter()
     t_window, n_window = time.perf_counter(), 0
-    loss_sum = torch.zeros((), device=rt.device)
+    sums = None  # loss and its parts summed since the last log line (on the device: no sync per step)
     last_good = start
     step = start
     try:
@@ -301,23 +301,25 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
                 lr = schedule(step)
                 gen = step_generator(cfg.seed, step, rt.device)
                 loss, parts = train_step(task, opt, rt, images, labels, lr, gen)
-                loss_sum += loss.detach()
+                values = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())])
+                sums = values if sums is None else sums + values
                 step += 1
                 n_window += images.shape[0] * rt.world_size
 
                 epoch_end = step % steps_per_epoch == 0 or step == total
                 if step % cfg.log_every == 0 or epoch_end or step % cfg.checkpoint_every == 0:
-                    # the global batch's values: the mean over processes of their (equal-share) means
-                    logged = all_reduce_mean(torch.stack([loss_sum, *(v.detach().float() for v in parts.values())]))
-                    mean_loss = logged[0].item() / (step - last_good)
+                    # means since the last log line of the global batch's values: the mean over processes
+                    # of their (equal-share) means
+                    logged = (all_reduce_mean(sums) / (step - last_good)).tolist()
+                    mean_loss = logged[0]
                     if not math.isfinite(mean_loss):
                         raise DivergenceError(f"{stage}: the loss became non-finite between steps {last_good} and {step}; "
                                               + _divergence_advice(last))
                     now = time.perf_counter()
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss, "lr": lr,
                            "images_per_s": n_window / max(now - t_window, 1e-9)}
-                    row.update({k: float(v) for k, v in zip(parts, logged[1:])})
-                    loss_sum.zero_()
+                    row.update(zip(parts, logged[1:]))
+                    sums = None
                     last_good, t_window, n_window = step, now, 0
                     if epoch_end:
                         row.update(task.on_epoch_end(step // steps_per_epoch))
