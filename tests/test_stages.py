@@ -90,6 +90,30 @@ def test_distillation_moves_student_toward_teacher(tiny_finetuned, tmp_path):
     assert result["params"] < sum(p.numel() for p in teacher.parameters())
 
 
+def test_self_distillation_from_the_teacher_starts_as_the_teacher(tiny_pretrained, tiny_finetuned, tmp_path):
+    # lr 0: training moves nothing but BN running statistics, so the student's parameters are the
+    # teacher's, head layer and classifier included (not a fresh classifier on its encoder)
+    teacher, tmeta = load_model(tiny_finetuned[0], "classifier")
+    cfg = make_config("distill", out=str(tmp_path), teacher=str(tiny_finetuned[0]), epochs=1, batch_size=128, lr=0.0,
+                      init_from=str(tiny_finetuned[0]), **TINY)
+    distill(cfg)
+    student, meta = load_model(tmp_path, "classifier")
+    assert meta["model"]["head_layer"] == tmeta["model"]["head_layer"] == 1
+    t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
+    assert t_params.keys() == s_params.keys()
+    for k in t_params:
+        assert torch.equal(t_params[k], s_params[k]), k
+    # from a pretrained (not a classifier) checkpoint only the encoder is taken: plain encoder + fc
+    pre_dir = tiny_pretrained[0]
+    distill(make_config("distill", out=str(tmp_path / "from_pre"), teacher=str(tiny_finetuned[0]), epochs=1,
+                        batch_size=128, lr=0.0, init_from=str(pre_dir), **TINY))
+    student, meta = load_model(tmp_path / "from_pre", "classifier")
+    pretrained, _ = load_model(pre_dir)
+    assert meta["model"]["head_layer"] == 0 and len(student.head.layers) == 0
+    for k, v in pretrained.encoder.named_parameters():
+        assert torch.equal(v, dict(student.encoder.named_parameters())[k]), k
+
+
 def test_self_distillation_defaults(tiny_finetuned, tmp_path):
     cfg = make_config("distill", out=str(tmp_path), teacher=str(tiny_finetuned[0]), epochs=1, batch_size=128,
                       init_from=str(tiny_finetuned[0]), **TINY)

@@ -118,7 +118,7 @@ class DistillConfig(RunConfig):
     sk: bool | None = None
     temperature: float | None = None  # None: 0.1 for self-distillation, 1.0 for big-to-small
     alpha: float = 1.0  # weight of the distillation loss; 1 - alpha on the true labels
-    init_from: str | None = None  # optional checkpoint to initialise the student's encoder
+    init_from: str | None = None  # checkpoint to start the student from: a classifier of its architecture whole, else the encoder
     epochs: float = 400
     batch_size: int = 512
     lr: float = 0.1
