@@ -14,7 +14,7 @@ def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "simclrv2", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
-def test_pipeline_tiny_writes_report_and_reuses_stages(tmp_path):
+def test_pipeline_tiny_writes_report_and_reuses_stages(tmp_path, capfd):
     out = tmp_path / "run"
     assert main(["-q", "pipeline", "--preset", "tiny", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -39,6 +39,16 @@ def test_pipeline_tiny_writes_report_and_reuses_stages(tmp_path):
     again = json.loads((out / "report.json").read_text())
     assert [r["top1"] for r in again["results"]] == [r["top1"] for r in report["results"]]
     assert (out / "pretrain" / "final.safetensors").stat().st_mtime_ns == mtime
+
+    # a stage interrupted before its end (final.* missing, last.* kept) is resumed, not restarted
+    stage_dir = out / "labels_0.1" / "distill_self"
+    for name in ("final.safetensors", "final.json"):
+        (stage_dir / name).unlink()
+    capfd.readouterr()
+    assert main(["pipeline", "--preset", "tiny", "--out", str(out)]) == 0
+    assert f"resuming from {stage_dir / 'last.safetensors'}" in capfd.readouterr().err
+    third = json.loads((out / "report.json").read_text())
+    assert [r["top1"] for r in third["results"]] == [r["top1"] for r in report["results"]]
 
 
 @pytest.mark.parametrize("args,needle", [

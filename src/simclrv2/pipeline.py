@@ -93,6 +93,8 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
         fraction = kw.get("label_fraction")
         merged.update((by_fraction.get(fraction) or {}).get(section or stage) or {})
         values[stage] = merged
+        # a stage finished in an earlier run is reused; one interrupted continues from its last checkpoint
+        kw.setdefault("resume", not (Path(kw["out"]) / "final.safetensors").exists())
         return make_config(stage, values, **kw)
 
     # Validate every stage's options before any work starts.
