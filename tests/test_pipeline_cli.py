@@ -88,6 +88,12 @@ def test_presets_load_into_valid_configs():
             make_config(stage, preset, out="x")
     imagenet = make_config("pretrain", load_preset("imagenet"), out="x")
     assert (imagenet.batch_size, imagenet.epochs, imagenet.temperature, imagenet.memory_size) == (4096, 800, 0.1, 65536)
+    # a stage run alone with a preset (`simclrv2 pretrain --preset cpu-demo`) trains the preset's model
+    demo = load_preset("cpu-demo")
+    for stage in ("pretrain", "supervised"):
+        c = make_config(stage, demo, out="x")
+        assert (c.depth, c.width, c.sk) == (demo["model"]["depth"], demo["model"]["width"], demo["model"]["sk"])
+    assert make_config("distill", demo, out="x").depth is None  # the student defaults to the teacher's architecture
 
 
 def test_parse_overrides():

@@ -287,10 +287,14 @@ def load_preset(name_or_path: str | None) -> dict[str, Any]:
 
 
 def stage_values(preset: dict[str, Any], stage: str) -> dict[str, Any]:
-    """A stage's view of a preset: shared top-level scalars, then the stage's own section."""
+    """A stage's view of a preset: shared top-level scalars, the preset's ``model`` (depth, width,
+    sk: the encoder it trains from scratch; not for distill, whose student defaults to the
+    teacher's architecture), then the stage's own section."""
     cls = STAGE_CONFIGS[stage]
     names = {f.name for f in fields(cls)}
     values = {k: v for k, v in preset.items() if k in names and not isinstance(v, dict)}
+    if stage != "distill":
+        values.update({k: v for k, v in (preset.get("model") or {}).items() if k in names})
     section = preset.get(stage) or {}
     unknown = set(section) - names
     if unknown:
