@@ -80,11 +80,14 @@ def _time_interleaved(fns: dict, reps: int, warmup: int) -> dict:
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
-def run(quick: bool = False, threads: int = 2, configs: list[str] | None = None) -> dict:
-    """Time own vs kornia for each config (all by default); returns a JSON-serialisable dict."""
+def run(quick: bool = False, threads: int = 2, configs: list[str] | None = None, with_kornia: bool = True) -> dict:
+    """Time own vs kornia for each config (all by default); returns a JSON-serialisable dict.
+
+    ``with_kornia=False``: own only (no kornia import; the kornia keys are absent)."""
     torch.set_num_threads(threads)
     reps, warmup = (3, 1) if quick else (15, 2)
-    import kornia
+    if with_kornia:
+        import kornia
 
     load_before = os.getloadavg()[0]
     results = {}
@@ -94,17 +97,14 @@ def run(quick: bool = False, threads: int = 2, configs: list[str] | None = None)
         images = torch.randint(0, 256, (batch, channels, side, side), dtype=torch.uint8)
         own = PretrainAugment(size, color_strength=strength, blur=blur)
         gen = torch.Generator().manual_seed(0)
-        pipes = {mode: _kornia_pipeline(channels, size, strength, blur, mode) for mode in ("slice", "resample")}
-        fns = {
-            "own": lambda: own(images, gen),
-            "kornia_slice": lambda: pipes["slice"](images.float().div_(255.0)),
-            "kornia_resample": lambda: pipes["resample"](images.float().div_(255.0)),
-        }
+        fns = {"own": lambda: own(images, gen)}
+        if with_kornia:
+            pipes = {mode: _kornia_pipeline(channels, size, strength, blur, mode) for mode in ("slice", "resample")}
+            fns["kornia_slice"] = lambda: pipes["slice"](images.float().div_(255.0))
+            fns["kornia_resample"] = lambda: pipes["resample"](images.float().div_(255.0))
         with torch.no_grad():
             t = _time_interleaved(fns, reps, warmup)
-        k_mode = min(("slice", "resample"), key=lambda m: t["kornia_" + m][0])
         own_med, own_best = t["own"]
-        k_med, k_best = t["kornia_" + k_mode]
         results[name] = {
             "channels": channels,
             "input_size": side,
@@ -114,17 +114,23 @@ def run(quick: bool = False, threads: int = 2, configs: list[str] | None = None)
             "blur": blur,
             "own_images_per_s": batch / own_med,
             "own_images_per_s_best": batch / own_best,
+        }
+        if not with_kornia:
+            continue
+        k_mode = min(("slice", "resample"), key=lambda m: t["kornia_" + m][0])
+        k_med, k_best = t["kornia_" + k_mode]
+        results[name].update({
             "kornia_images_per_s": batch / k_med,
             "kornia_images_per_s_best": batch / k_best,
             "kornia_cropping_mode": k_mode,
             "kornia_other_mode_images_per_s": batch / t["kornia_" + ("resample" if k_mode == "slice" else "slice")][0],
             "own_over_kornia": k_med / own_med,
             "own_over_kornia_best": k_best / own_best,
-        }
+        })
     return {
         "benchmark": "augment",
         "torch": torch.__version__,
-        "kornia": kornia.__version__,
+        "kornia": kornia.__version__ if with_kornia else None,
         "threads": torch.get_num_threads(),
         "quick": quick,
         "reps": reps,

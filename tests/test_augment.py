@@ -443,3 +443,22 @@ def test_rows_slice_matches_whole_batch():
         torch.testing.assert_close(part, whole[4:9], atol=1e-5, rtol=0)
     with pytest.raises(ValueError):
         PretrainAugment(24)(x, gen(5), rows=(8, 12))
+
+
+@pytest.mark.parametrize("chunk_images", [None, 5])
+def test_views_equal_separate_calls(monkeypatch, chunk_images):
+    # views(): the n views of one call are those of n calls (same draws), chunked or not; exactly
+    # for 1 channel, to float rounding for 3 (the luma's matrix products round by batch size)
+    torch.manual_seed(0)
+    cases = (((12, 1, 28, 28), 28, {}), ((10, 3, 32, 32), 32, {"color_strength": 1.0}), ((6, 3, 48, 48), 40, {"blur": True}))
+    for shape, size, kw in cases:
+        if chunk_images:
+            monkeypatch.setattr(A, "_CPU_CHUNK_ELEMENTS", chunk_images * shape[1] * size * size)
+        x = torch.randint(0, 256, shape, dtype=torch.uint8)
+        aug = PretrainAugment(size, **kw)
+        for rows in (None, (2, shape[0] + 5)):
+            g = gen(7)
+            separate = torch.cat([aug(x, g, rows=rows), aug(x, g, rows=rows)])
+            views = aug.views(x, gen(7), rows=rows)
+            assert torch.equal(views, separate) if shape[1] == 1 else torch.allclose(views, separate, atol=1e-6, rtol=0)
+        assert aug.views(x, gen(1), n=3).shape == (3 * shape[0], shape[1], size, size)

@@ -67,7 +67,8 @@ class NTXentLoss(nn.Module):
         idx = torch.arange(n, device=u.device) + offset
         self_cols = torch.cat([idx, idx + m])
         positive_cols = torch.cat([idx + m, idx])
-        logits = logits.masked_fill(F.one_hot(self_cols, 2 * m).bool(), float("-inf"))
+        # -inf on each anchor's own column (in place: neither the division nor the product keeps its output for backward)
+        logits.index_put_((torch.arange(2 * n, device=u.device), self_cols), logits.new_full((), float("-inf")))
         if extra_negatives is not None and extra_negatives.numel():
             q = F.normalize(extra_negatives.detach().float(), dim=1)
             logits = torch.cat([logits, u @ q.T / self.temperature], dim=1)

@@ -406,7 +406,7 @@ class PretrainAugment(torch.nn.Module):
 
     ``forward(images, generator=None)``: ``images`` uint8 ``[B, C, H, W]`` or float in [0, 1]
     (C = 1 or 3); returns float32 ``[B, C, image_size, image_size]`` in [0, 1] on the images'
-    device.  Call twice for two views.  ``generator`` must be a CPU generator (see the module
+    device.  Call twice for two views, or :meth:`views` once.  ``generator`` must be a CPU generator (see the module
     docstring); the same generator state gives the same output.
 
     ``rows=(offset, total)``: ``images`` are rows ``offset:offset+B`` of a batch of ``total``
@@ -495,26 +495,42 @@ class PretrainAugment(torch.nn.Module):
     def forward(
         self, images: Tensor, generator: torch.Generator | None = None, rows: tuple[int, int] | None = None
     ) -> Tensor:
+        return self.views(images, generator, rows, n=1)
+
+    def views(
+        self, images: Tensor, generator: torch.Generator | None = None, rows: tuple[int, int] | None = None,
+        n: int = 2,
+    ) -> Tensor:
+        """``n`` views of each image as one batch ``[n * B, C, S, S]`` = [view 1; view 2; ...]:
+        ``torch.cat([self(images, generator, rows) for _ in range(n)])`` (the parameters are drawn
+        in the same order) with fewer, larger ops when the images are small (one pass over all
+        the views instead of one per view). Bit-identical for 1 channel; for 3 channels up to
+        float rounding (the luma's small matrix products may round differently by batch size)."""
         if images.dim() != 4:
             raise ValueError(f"expected images of shape [B, C, H, W], got {tuple(images.shape)}")
         batch, channels, height, width = images.shape
         offset, total = _check_rows(rows, batch)
-        p = self.sample_params(total, height, width, generator)
-        if total != batch:
-            p = {k: v[offset : offset + batch] for k, v in p.items()}
+        draws = [self.sample_params(total, height, width, generator) for _ in range(n)]
+        if n == 1 and total == batch:
+            p = draws[0]
+        else:
+            p = {k: torch.cat([d[k][offset : offset + batch] for d in draws]) for k in draws[0]}
         size = self.image_size
-        # On the CPU the batch is processed in chunks of about _CPU_CHUNK_ELEMENTS output values
+        views = n * batch
+        # On the CPU the views are processed in chunks of about _CPU_CHUNK_ELEMENTS output values
         # so that the ~20 elementwise passes of the colour ops run in cache (~2x faster at
-        # 224 px); on other devices the whole batch is one chunk.
-        chunk = batch
+        # 224 px); on other devices all the views are one chunk.
+        chunk = views
         if images.device.type == "cpu":
-            chunk = max(1, min(batch, _CPU_CHUNK_ELEMENTS // (channels * size * size)))
-        if chunk >= batch:
-            return self._view(images, p, 0, batch)
-        out = torch.empty(batch, channels, size, size, dtype=torch.float32, device=images.device)
-        for start in range(0, batch, chunk):
-            stop = min(batch, start + chunk)
-            out[start:stop] = self._view(images[start:stop], p, start, stop)
+            chunk = max(1, min(views, _CPU_CHUNK_ELEMENTS // (channels * size * size)))
+        if chunk >= views and (n == 1 or not self.blur):  # (the blur batches its images per chunk: per view, then)
+            return self._view(images if n == 1 else images.repeat(n, 1, 1, 1), p, 0, views)
+        out = torch.empty(views, channels, size, size, dtype=torch.float32, device=images.device)
+        for k in range(n):
+            for start in range(0, batch, chunk):
+                stop = min(batch, start + chunk)
+                row = k * batch + start
+                out[row : row + stop - start] = self._view(images[start:stop], p, row, row + stop - start)
         return out
 
     def _view(self, images: Tensor, p: dict, start: int, stop: int) -> Tensor:
@@ -599,7 +615,8 @@ class FinetuneAugment(torch.nn.Module):
             padded = F.pad(images, (pad, pad, pad, pad))  # zeros, in the input dtype
             out = padded.gather(2, rows.view(batch, 1, size, 1).expand(batch, channels, size, wp))
             out = out.gather(3, cols.view(batch, 1, 1, size).expand(batch, channels, size, size))
-            return to_float_images(out).clamp_(0.0, 1.0)
+            x = to_float_images(out)
+            return x if out.dtype == torch.uint8 else x.clamp_(0.0, 1.0)  # uint8 / 255 is in [0, 1] already
         x = to_float_images(images)
         boxes = random_resized_crop_params(total, height, width, self.crop_scale, self.crop_ratio, generator)[mine]
         flip = (torch.rand(total, generator=generator) < self.flip_p)[mine]

@@ -1,0 +1,407 @@
+"""Speed of the training hot loop: augmentation, step efficiency against a bare step, data loading.
+
+Usage: ``python bench/run.py [--quick] [--json]`` (``--quick``: fewer repetitions, under 2
+minutes on a 2-core CPU; ``--json``: the results as one JSON object on the last line of
+stdout), ``python bench/run.py --profile-demo`` (where the wall time of a short cpu-demo
+pretrain + finetune goes). ``PYTHONPATH=src`` when the package is not installed.
+
+Sections, each in its own subprocess (so that its peak resident memory is its own):
+
+* ``augment``: pretraining views per second at 28 px / 1 ch, 32 px / 3 ch and 224 px / 3 ch
+  (``bench/augment_bench.py``, own ops only);
+* ``pretrain``, ``pretrain_memory``, ``finetune``, ``distill``: OUR step -- the real task of the
+  stage (``ContrastiveTask`` / ``ClassificationTask``) and ``engine.train_step``, i.e. exactly
+  what ``engine.fit`` runs per step: next batch of the epoch's order, views from the uint8
+  images, forward, loss, backward, LARS (or the stage's optimiser) at the scheduled lr,
+  ``after_step`` (EMA + queue) -- against the BARE step: forward + backward + plain
+  ``torch.optim.SGD`` of a copy of the same network on a ready-made float batch of the same
+  shape, loss = mean of the outputs squared (+ a no-grad forward of an EMA copy with the memory
+  queue, of the teacher for distillation). The cpu-demo preset's model and batch sizes
+  (ResNet-18 width 1/8, small-image stem, Fashion-MNIST 28 px, 1 channel). The repetitions
+  alternate (ours, bare, ours, bare, ...) so background load hits both alike; ``*_vs_bare`` is
+  the ratio of the median images/s (target >= 0.90);
+* ``imagefolder``: 2000 JPEGs (64 px) in ``ROOT/train/CLASS/``, decoded + resized to 28 px +
+  collated by ``ImageFolderDataset`` through ``engine.BatchStream`` (the loader of the stages,
+  with the preset's 2 DataLoader worker processes, and with none), images/s over 2 epochs;
+  ``imagefolder_keeps_up``: loader images/s >= the pretraining step's images/s. The same for
+  256 px JPEGs -> 224 px views (ImageNet-like, batch 64).
+
+All timings on the CPU in fp32 with ``torch.set_num_threads(2)`` (``--threads N``). On a
+loaded machine (load average + threads > CPUs) 2-thread timings are dominated by OpenMP
+threads waiting for a descheduled peer at every parallel op, which inflates many small ops
+(ours) far more than few large ones (bare): compare ``--threads 1`` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # augment_bench
+try:
+    import simclrv2  # noqa: F401
+except ImportError:  # a checkout without PYTHONPATH=src
+    sys.path.insert(0, os.path.join(HERE, "..", "src"))
+
+from simclrv2.config import load_preset, make_config  # noqa: E402
+from simclrv2.engine import BatchStream, build_optimizer, step_generator, train_step  # noqa: E402
+from simclrv2.models import build_model, model_spec  # noqa: E402
+from simclrv2.optim import WarmupCosine, scale_lr  # noqa: E402
+from simclrv2.runtime import init_runtime  # noqa: E402
+
+SECTIONS = ["augment", "pretrain", "pretrain_memory", "finetune", "distill", "imagefolder"]
+PRESET = "cpu-demo"
+MEMORY_SIZE = 4096
+THREADS = 2  # torch intra-op threads (--threads)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_interleaved(fns: dict, reps: int, warmup: int, budget_s: float = float("inf"),
+                     min_reps: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each function, repetitions interleaved (a, b, a, b, ...); stops
+    after ``reps`` rounds, or after ``min_reps`` once ``budget_s`` seconds have passed."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
+    for i in range(reps):
+        if i >= min_reps and time.perf_counter() - start > budget_s:
+            break
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def compare(ours, bare, batch: int, quick: bool) -> dict:
+    """Our step against the bare step, interleaved: images/s of the median repetition of each;
+    ``vs_bare`` = ours / bare (also the median of the per-round ratios, and from the best
+    repetitions). --quick: at most 12 rounds or 8 s (at least 2 rounds); else 30 rounds or 90 s."""
+    reps, warmup, budget, min_reps = (12, 1, 8.0, 2) if quick else (30, 3, 90.0, 5)
+    t = time_interleaved({"ours": ours, "bare": bare}, reps, warmup, budget, min_reps)
+    ours_s, bare_s = statistics.median(t["ours"]), statistics.median(t["bare"])
+    return {
+        "batch": batch,
+        "reps": len(t["ours"]),
+        "ours_images_per_s": batch / ours_s,
+        "bare_images_per_s": batch / bare_s,
+        "vs_bare": bare_s / ours_s,
+        "vs_bare_rounds": statistics.median(b / o for o, b in zip(t["ours"], t["bare"])),
+        "vs_bare_best": min(t["bare"]) / min(t["ours"]),
+        "ours_ms": [round(1000 * s, 1) for s in t["ours"]],
+        "bare_ms": [round(1000 * s, 1) for s in t["bare"]],
+    }
+
+
+def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident memory of this process (or the largest of its finished children), MiB."""
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------- our step vs the bare step
+
+
+def setup(stage: str, **options):
+    """(cfg, rt, data) of a stage under the cpu-demo preset, data prepared as the stages do."""
+    from simclrv2.stages.common import prepare_data
+
+    cfg = make_config(stage, load_preset(PRESET), out="unused", device="cpu", precision="fp32", **options)
+    rt = init_runtime("cpu", "fp32")
+    torch.manual_seed(cfg.seed)
+    return cfg, rt, prepare_data(cfg)
+
+
+def our_step(task, cfg, rt, dataset):
+    """A closure running one step of ``engine.fit``: the next batch of the epoch's order,
+    ``train_step`` at the scheduled learning rate (a run of 1000 steps), the loss bookkeeping."""
+    stream = BatchStream(dataset, cfg.batch_size, cfg.seed, rt, cfg.workers)
+    opt = build_optimizer(task.model, cfg)
+    total = 1000
+    schedule = WarmupCosine(scale_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling), total, int(round(cfg.warmup_fraction * total)))
+    state = {"step": 0, "batches": iter(()), "sums": None}
+    task.train()
+
+    def step():
+        batch = next(state["batches"], None)
+        if batch is None:
+            state["batches"] = stream.epoch(state["step"] // stream.steps_per_epoch)
+            batch = next(state["batches"])
+        images, labels = batch
+        s = state["step"]
+        loss, parts = train_step(task, opt, rt, images, labels, schedule(s), step_generator(cfg.seed, s, rt.device))
+        values = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())])
+        state["sums"] = values if state["sums"] is None else state["sums"] + values
+        state["step"] = s + 1
+
+    return step
+
+
+def bare_step(model, x, extra=None):
+    """Forward + backward + SGD of ``model`` on the float batch ``x`` (loss: mean of the outputs
+    squared), after a no-grad forward of ``extra`` (an EMA copy, a teacher) when given."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    model.train()
+
+    def step():
+        if extra is not None:
+            with torch.no_grad():
+                extra(x)
+        out = model(x)
+        out = out[1] if isinstance(out, tuple) else out  # SimCLRModel: (h, z)
+        opt.zero_grad(set_to_none=True)
+        out.pow(2).mean().backward()
+        opt.step()
+
+    return step
+
+
+def section_pretrain(quick: bool, memory_size: int = 0) -> dict:
+    from simclrv2.stages.common import to_device
+    from simclrv2.stages.pretrain import ContrastiveTask
+
+    cfg, rt, data = setup("pretrain", memory_size=memory_size)
+    spec = model_spec("simclr", depth=cfg.depth, width=cfg.width, sk=cfg.sk, small_images=data.small_images,
+                      in_channels=data.channels, head_layers=cfg.head_layers, proj_dim=cfg.proj_dim,
+                      num_classes=len(data.classes) if cfg.probe else None, probe_norm=cfg.probe)  # as pretrain()
+    model = to_device(build_model(spec), rt, cfg.channels_last)
+    bare_model = copy.deepcopy(model)
+    task = ContrastiveTask(model, cfg, data, rt)
+    b, s = cfg.batch_size, data.image_size
+    x = torch.rand(2 * b, data.channels, s, s)  # both views
+    ema = copy.deepcopy(bare_model).requires_grad_(False) if memory_size else None
+    if memory_size:  # a full queue, as after the first memory_size / 2B steps
+        task._enqueue(torch.nn.functional.normalize(torch.randn(memory_size, cfg.proj_dim), dim=1))
+    out = compare(our_step(task, cfg, rt, data.all_images()), bare_step(bare_model, x, ema), b, quick)
+    out.update(model=f"ResNet-{cfg.depth} x{cfg.width}, {s} px, {data.channels} ch", memory_size=memory_size,
+               optimizer=cfg.optimizer)
+    return out
+
+
+def _classifier_spec(m: dict, data, head_layers: int, head_layer: int) -> dict:
+    return model_spec("classifier", depth=m["depth"], width=m["width"], sk=m["sk"], small_images=data.small_images,
+                      in_channels=data.channels, head_layers=head_layers, num_classes=len(data.classes),
+                      head_layer=head_layer)
+
+
+def section_classify(quick: bool, stage: str) -> dict:
+    """fine-tune: a classifier from head layer 1 on the labeled subset; distill: a same-size
+    student on all images against a fixed teacher (the fine-tuned classifier)."""
+    from simclrv2.losses import DistillationLoss
+    from simclrv2.stages.classify import ClassificationTask
+    from simclrv2.stages.common import to_device
+
+    options = {"pretrained": "unused"} if stage == "finetune" else {"teacher": "unused"}
+    cfg, rt, data = setup(stage, **options)
+    m = load_preset(PRESET)["model"]
+    finetuned = build_model(_classifier_spec(m, data, head_layers=3, head_layer=1))
+    if stage == "finetune":
+        model, kw, dataset, extra = finetuned, {}, data.labeled, None
+    else:  # self-distillation: a student of the teacher's size, tau 0.1
+        model = build_model(_classifier_spec(m, data, head_layers=0, head_layer=0))
+        teacher = to_device(finetuned, rt, cfg.channels_last)
+        kw = {"teacher": teacher, "distill": DistillationLoss(cfg.temperature or 0.1, cfg.alpha)}
+        dataset, extra = data.all_images(), teacher
+    model = to_device(model, rt, cfg.channels_last)
+    bare_model = copy.deepcopy(model)
+    task = ClassificationTask(model, cfg, data.image_size, rt, **kw)  # puts the teacher in eval mode
+    b, s = cfg.batch_size, data.image_size
+    x = torch.rand(b, data.channels, s, s)
+    out = compare(our_step(task, cfg, rt, dataset), bare_step(bare_model, x, extra), b, quick)
+    out.update(model=f"ResNet-{m['depth']} x{m['width']}, {s} px, {data.channels} ch", optimizer=cfg.optimizer)
+    return out
+
+
+# ----------------------------------------------------------------------------- image folder
+
+
+def write_image_folder(root: str, n: int, side: int = 64, classes: int = 10) -> None:
+    """``n`` JPEGs (smooth random colour fields + noise, ``side`` px) in ROOT/train/CLASS/."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = os.path.join(root, "train", f"class{i % classes}")
+        os.makedirs(d, exist_ok=True)
+        low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(low).resize((side, side), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.int16) + rng.integers(-20, 21, (side, side, 3))
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(os.path.join(d, f"{i:05d}.jpg"), quality=90)
+
+
+def loader_speed(ds, batch: int, workers: int, epochs: int, seed: int, rt) -> dict:
+    """Images/s of ``epochs`` epochs of ``engine.BatchStream`` over ``ds`` (each epoch starts
+    its worker processes afresh, as in ``fit``), and the steady rate after each first batch."""
+    stream = BatchStream(ds, batch, seed, rt, workers)
+    count, seconds, first_s, first_n = 0, 0.0, 0.0, 0
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        for i, (images, _) in enumerate(stream.epoch(epoch)):
+            count += images.shape[0]
+            if i == 0:
+                first_s, first_n = first_s + time.perf_counter() - t0, first_n + images.shape[0]
+        seconds += time.perf_counter() - t0
+    return {"images_per_s": count / seconds, "steady_images_per_s": (count - first_n) / max(seconds - first_s, 1e-9),
+            "first_batch_s": first_s / epochs}
+
+
+def section_imagefolder(quick: bool) -> dict:
+    """JPEG folders decoded by the stages' loader: the cpu-demo size (64 px files -> 28 px,
+    batch 256) and an ImageNet-like one (256 px files -> 224 px, batch 64)."""
+    from simclrv2.data import ImageFolderDataset
+
+    cfg = make_config("pretrain", load_preset(PRESET), out="unused", device="cpu")
+    rt = init_runtime("cpu", "fp32")
+    out = {"default_workers": cfg.workers}
+    for name, n, side, size, batch in (("cpu-demo", 2000, 64, 28, cfg.batch_size), ("224px", 256 if quick else 640, 256, 224, 64)):
+        with tempfile.TemporaryDirectory() as root:
+            t0 = time.perf_counter()
+            write_image_folder(root, n, side)
+            r = {"images": n, "jpeg_side": side, "image_size": size, "batch": batch, "write_s": time.perf_counter() - t0}
+            ds = ImageFolderDataset(root, "train", image_size=size)
+            for workers in sorted({cfg.workers, 0}, reverse=True):
+                r[f"workers_{workers}"] = loader_speed(ds, batch, workers, 2, cfg.seed, rt)
+            r["images_per_s"] = r[f"workers_{cfg.workers}"]["images_per_s"]
+        out[name] = r
+    out["images_per_s"] = out["cpu-demo"]["images_per_s"]
+    out["peak_rss_workers_mb"] = peak_rss_mb(children=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_section(name: str, quick: bool, threads: int = THREADS) -> dict:
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    if name == "augment":
+        import augment_bench
+
+        out = augment_bench.run(quick=quick, threads=threads, with_kornia=False)["results"]
+    elif name == "pretrain":
+        out = section_pretrain(quick)
+    elif name == "pretrain_memory":
+        out = section_pretrain(quick, MEMORY_SIZE)
+    elif name in ("finetune", "distill"):
+        out = section_classify(quick, name)
+    elif name == "imagefolder":
+        out = section_imagefolder(quick)
+    else:
+        raise SystemExit(f"unknown section {name!r}; expected one of {', '.join(SECTIONS)}")
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "result": out}
+
+
+def run_in_subprocess(name: str, quick: bool, threads: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--section", name, "--threads", str(threads)] + (["--quick"] if quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"bench section {name} failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(sections: dict) -> dict:
+    """The headline figures."""
+    r = {k: v["result"] for k, v in sections.items()}
+    out = {}
+    for name in ("pretrain", "pretrain_memory", "finetune", "distill"):
+        if name in r:
+            key = "pretrain_memory_vs_bare" if name == "pretrain_memory" else f"{name}_step_vs_bare"
+            out[key] = round(r[name]["vs_bare"], 3)
+            out[f"{name}_images_per_s"] = round(r[name]["ours_images_per_s"], 1)
+    for cfg_name, a in r.get("augment", {}).items():
+        out[f"augment_{cfg_name}_images_per_s"] = round(a["own_images_per_s"])
+    if "imagefolder" in r:
+        out["imagefolder_images_per_s"] = round(r["imagefolder"]["images_per_s"], 1)
+        if "pretrain" in r:
+            out["imagefolder_keeps_up"] = r["imagefolder"]["images_per_s"] >= r["pretrain"]["ours_images_per_s"]
+    out["peak_rss_mb"] = {k: round(v["peak_rss_mb"]) for k, v in sections.items()}
+    return out
+
+
+def print_table(report: dict) -> None:
+    r = {k: v["result"] for k, v in report["sections"].items()}
+    print(f"{report['date']}  torch {report['torch']}, {report['threads']} threads, quick={report['quick']}, "
+          f"load average {report['loadavg_1min_start']:.2f} -> {report['loadavg_1min_end']:.2f}")
+    print("| section | ours img/s | bare img/s | ours / bare (per-round, best) | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|")
+    for name in ("pretrain", "pretrain_memory", "finetune", "distill"):
+        if name in r:
+            x = r[name]
+            print(f"| {name} (batch {x['batch']}, {x['reps']} reps) | {x['ours_images_per_s']:,.1f} | "
+                  f"{x['bare_images_per_s']:,.1f} | {x['vs_bare']:.3f} ({x['vs_bare_rounds']:.3f}, {x['vs_bare_best']:.3f}) | "
+                  f"{report['sections'][name]['peak_rss_mb']:,.0f} |")
+    for cfg_name, a in r.get("augment", {}).items():
+        print(f"| augment {cfg_name} (batch {a['batch']}) | {a['own_images_per_s']:,.0f} (best {a['own_images_per_s_best']:,.0f}) "
+              f"| | | {report['sections']['augment']['peak_rss_mb']:,.0f} |")
+    if "imagefolder" in r:
+        f = r["imagefolder"]
+        for name in ("cpu-demo", "224px"):
+            x = f[name]
+            for w in sorted({f["default_workers"], 0}, reverse=True):
+                y = x[f"workers_{w}"]
+                print(f"| imagefolder {name} ({x['jpeg_side']} px JPEG -> {x['image_size']} px, {w} workers, batch "
+                      f"{x['batch']}) | {y['images_per_s']:,.0f} (steady {y['steady_images_per_s']:,.0f}) | | | "
+                      f"{report['sections']['imagefolder']['peak_rss_mb']:,.0f} (workers {f['peak_rss_workers_mb']:,.0f}) |")
+    print("section seconds: " + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in report["sections"].items())
+          + f"; total {report['seconds']:.0f}")
+    s = report["summary"]
+    print(", ".join(f"{k}={v}" for k, v in s.items() if k.endswith(("vs_bare", "keeps_up"))))
+    load = max(report["loadavg_1min_start"], report["loadavg_1min_end"])
+    if report["threads"] > 1 and load + report["threads"] > report["cpus"] + 0.5:
+        print(f"note: load average {load:.2f} on {report['cpus']} CPUs: with {report['threads']} threads, every parallel op "
+              "waits for a descheduled thread, which inflates small ops most; compare --threads 1")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (under 2 minutes)")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    parser.add_argument("--threads", type=int, default=THREADS, help=f"torch intra-op threads (default {THREADS})")
+    parser.add_argument("--section", action="append", choices=SECTIONS,
+                        help="only this section (repeatable); one section alone runs in this process")
+    parser.add_argument("--profile-demo", action="store_true",
+                        help="profile a short cpu-demo pretrain + finetune: where the wall time goes")
+    args = parser.parse_args(argv)
+    if args.profile_demo:
+        import profile_pipeline
+
+        return profile_pipeline.main(["--threads", str(args.threads)] + (["--json"] if args.json else []))
+    if args.section and len(args.section) == 1:  # the worker mode of run_in_subprocess
+        print(json.dumps(run_section(args.section[0], args.quick, args.threads)))
+        return 0
+    report = {
+        "benchmark": "run", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "threads": args.threads, "quick": args.quick, "cpus": os.cpu_count(),
+        "loadavg_1min_start": os.getloadavg()[0],
+    }
+    t0 = time.perf_counter()
+    report["sections"] = {name: run_in_subprocess(name, args.quick, args.threads) for name in (args.section or SECTIONS)}
+    report["seconds"] = time.perf_counter() - t0
+    report["loadavg_1min_end"] = os.getloadavg()[0]
+    report["summary"] = summarise(report["sections"])
+    print_table(report)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
