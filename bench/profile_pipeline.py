@@ -105,7 +105,8 @@ def instrument(clock: Clock) -> None:
     pretrain = importlib.import_module("simclrv2.stages.pretrain")
 
     def wrap(owner, name, block, opaque=False):
-        setattr(owner, name, clock.timed(block, getattr(owner, name), opaque))
+        if hasattr(owner, name):  # (PretrainAugment.views is new: older checkouts can be profiled too)
+            setattr(owner, name, clock.timed(block, getattr(owner, name), opaque))
 
     wrap(SimCLRModel, "forward", "forward")
     wrap(Classifier, "forward", "forward")

@@ -26,8 +26,8 @@ Sections, each in its own subprocess (so that its peak resident memory is its ow
   ``imagefolder_keeps_up``: loader images/s >= the pretraining step's images/s. The same for
   256 px JPEGs -> 224 px views (ImageNet-like, batch 64).
 
-All timings on the CPU in fp32 with ``torch.set_num_threads(2)`` (``--threads N``). On a
-loaded machine (load average + threads > CPUs) 2-thread timings are dominated by OpenMP
+All timings on the CPU in fp32 with ``torch.set_num_threads(2)`` (``--threads N``). When
+other processes keep CPUs busy (a note says so), 2-thread timings are dominated by OpenMP
 threads waiting for a descheduled peer at every parallel op, which inflates many small ops
 (ours) far more than few large ones (bare): compare ``--threads 1`` there.
 """
@@ -108,6 +108,20 @@ def compare(ours, bare, batch: int, quick: bool) -> dict:
         "ours_ms": [round(1000 * s, 1) for s in t["ours"]],
         "bare_ms": [round(1000 * s, 1) for s in t["bare"]],
     }
+
+
+def busy_cpus(seconds: float = 1.0) -> float | None:
+    """How many CPUs other processes keep busy now (from /proc/stat over ``seconds``; None off Linux)."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        (t0, i0), _, (t1, i1) = sample(), time.sleep(seconds), sample()
+    except OSError:
+        return None
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
 
 
 def peak_rss_mb(children: bool = False) -> float:
@@ -309,7 +323,7 @@ def run_section(name: str, quick: bool, threads: int = THREADS) -> dict:
 
 
 def run_in_subprocess(name: str, quick: bool, threads: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--section", name, "--threads", str(threads)] + (["--quick"] if quick else [])
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--threads", str(threads)] + (["--quick"] if quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -338,8 +352,10 @@ def summarise(sections: dict) -> dict:
 
 def print_table(report: dict) -> None:
     r = {k: v["result"] for k, v in report["sections"].items()}
+    busy = report["busy_cpus_at_start"]
     print(f"{report['date']}  torch {report['torch']}, {report['threads']} threads, quick={report['quick']}, "
-          f"load average {report['loadavg_1min_start']:.2f} -> {report['loadavg_1min_end']:.2f}")
+          f"load average {report['loadavg_1min_start']:.2f} -> {report['loadavg_1min_end']:.2f}"
+          + (f", {busy:.1f} of {report['cpus']} CPUs busy at the start" if busy is not None else ""))
     print("| section | ours img/s | bare img/s | ours / bare (per-round, best) | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|")
     for name in ("pretrain", "pretrain_memory", "finetune", "distill"):
@@ -364,10 +380,11 @@ def print_table(report: dict) -> None:
           + f"; total {report['seconds']:.0f}")
     s = report["summary"]
     print(", ".join(f"{k}={v}" for k, v in s.items() if k.endswith(("vs_bare", "keeps_up"))))
-    load = max(report["loadavg_1min_start"], report["loadavg_1min_end"])
-    if report["threads"] > 1 and load + report["threads"] > report["cpus"] + 0.5:
-        print(f"note: load average {load:.2f} on {report['cpus']} CPUs: with {report['threads']} threads, every parallel op "
-              "waits for a descheduled thread, which inflates small ops most; compare --threads 1")
+    busy = report["busy_cpus_at_start"]
+    if busy is not None and report["threads"] > 1 and busy > report["cpus"] - report["threads"] + 0.5:
+        print(f"note: other processes kept {busy:.1f} of {report['cpus']} CPUs busy at the start: with {report['threads']} "
+              "threads, parallel ops wait for descheduled threads, which inflates many small ops (ours) most; "
+              "compare --threads 1")
 
 
 def main(argv=None) -> int:
@@ -375,8 +392,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (under 2 minutes)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch intra-op threads (default {THREADS})")
-    parser.add_argument("--section", action="append", choices=SECTIONS,
-                        help="only this section (repeatable); one section alone runs in this process")
+    parser.add_argument("--section", action="append", choices=SECTIONS, help="only this section (repeatable)")
+    parser.add_argument("--worker", choices=SECTIONS, help=argparse.SUPPRESS)  # one section, in this process
     parser.add_argument("--profile-demo", action="store_true",
                         help="profile a short cpu-demo pretrain + finetune: where the wall time goes")
     args = parser.parse_args(argv)
@@ -384,13 +401,13 @@ def main(argv=None) -> int:
         import profile_pipeline
 
         return profile_pipeline.main(["--threads", str(args.threads)] + (["--json"] if args.json else []))
-    if args.section and len(args.section) == 1:  # the worker mode of run_in_subprocess
-        print(json.dumps(run_section(args.section[0], args.quick, args.threads)))
+    if args.worker:  # run_in_subprocess's child: one section, its result as JSON
+        print(json.dumps(run_section(args.worker, args.quick, args.threads)))
         return 0
     report = {
         "benchmark": "run", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "threads": args.threads, "quick": args.quick, "cpus": os.cpu_count(),
-        "loadavg_1min_start": os.getloadavg()[0],
+        "loadavg_1min_start": os.getloadavg()[0], "busy_cpus_at_start": busy_cpus(),
     }
     t0 = time.perf_counter()
     report["sections"] = {name: run_in_subprocess(name, args.quick, args.threads) for name in (args.section or SECTIONS)}
