@@ -147,7 +147,7 @@ def our_step(task, cfg, rt, dataset):
     """A closure running one step of ``engine.fit``: the next batch of the epoch's order,
     ``train_step`` at the scheduled learning rate (a run of 1000 steps), the loss bookkeeping."""
     stream = BatchStream(dataset, cfg.batch_size, cfg.seed, rt, cfg.workers)
-    opt = build_optimizer(task.model, cfg)
+    opt = build_optimizer(task.model, cfg, task.lars_excluded)
     total = 1000
     schedule = WarmupCosine(scale_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling), total, int(round(cfg.warmup_fraction * total)))
     state = {"step": 0, "batches": iter(()), "sums": None}

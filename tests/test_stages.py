@@ -114,6 +114,28 @@ def test_self_distillation_from_the_teacher_starts_as_the_teacher(tiny_pretraine
         assert torch.equal(v, dict(student.encoder.named_parameters())[k]), k
 
 
+def test_distillation_adapts_the_classifier_and_finetuning_does_not(tiny_pretrained, tiny_finetuned):
+    from simclrv2.engine import build_optimizer
+    from simclrv2.losses import DistillationLoss
+    from simclrv2.stages.classify import ClassificationTask
+
+    rt = init_runtime("cpu", "fp32")
+    model, _ = load_model(tiny_finetuned[0], "classifier")
+    teacher, _ = load_model(tiny_finetuned[0], "classifier")
+
+    def adapted(task, cfg):
+        opt = build_optimizer(task.model, cfg, task.lars_excluded)
+        return {id(p) for g in opt.param_groups if g["layer_adaptation"] for p in g["params"]}
+
+    dcfg = make_config("distill", out="unused", teacher="unused", **TINY)
+    distilling = ClassificationTask(model, dcfg, 8, rt, teacher=teacher, distill=DistillationLoss(0.1))
+    assert id(model.fc.weight) in adapted(distilling, dcfg) and id(model.fc.bias) not in adapted(distilling, dcfg)
+    fcfg = make_config("finetune", out="unused", pretrained="unused", **TINY)
+    finetuning = ClassificationTask(model, fcfg, 8, rt)  # zero-initialised classifier: LARS would never move it
+    assert id(model.fc.weight) not in adapted(finetuning, fcfg)
+    assert id(model.encoder.conv1.weight) in adapted(finetuning, fcfg)
+
+
 def test_self_distillation_defaults(tiny_finetuned, tmp_path):
     cfg = make_config("distill", out=str(tmp_path), teacher=str(tiny_finetuned[0]), epochs=1, batch_size=128,
                       init_from=str(tiny_finetuned[0]), **TINY)

@@ -34,7 +34,7 @@ from simclrv2.data import ImageDataset
 from simclrv2.distributed import all_reduce_mean, same_on_all_ranks
 from simclrv2.errors import CheckpointError, ConfigError, DivergenceError
 from simclrv2.metrics import MetricsWriter
-from simclrv2.optim import LARS, WarmupCosine, param_groups, scale_lr, set_lr
+from simclrv2.optim import CLASSIFIER_PREFIXES, LARS, WarmupCosine, param_groups, scale_lr, set_lr
 from simclrv2.runtime import Runtime, log
 
 
@@ -52,6 +52,9 @@ class Task:
 
     model: nn.Module
     net: nn.Module
+    # parameter-name prefixes that LARS neither decays nor adapts (biases and BN parameters never are):
+    # the linear classifiers, as the official head_supervised (:func:`simclrv2.optim.param_groups`)
+    lars_excluded: tuple[str, ...] = CLASSIFIER_PREFIXES
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
@@ -135,8 +138,8 @@ class BatchStream:
                 yield images.to(self.rt.device, non_blocking=pin), labels.to(self.rt.device, non_blocking=pin)
 
 
-def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(model: nn.Module, cfg: RunConfig, lars_excluded: tuple[str, ...] = CLASSIFIER_PREFIXES) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, lars_excluded)
     probe_scale = getattr(cfg, "probe_lr_scale", 1.0)
     probe = [p for n, p in model.named_parameters() if n.startswith("probe.") and p.requires_grad]
     if probe and probe_scale != 1.0:
@@ -236,7 +239,7 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
 
     model = task.model
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(model, cfg)
+    opt = build_optimizer(model, cfg, task.lars_excluded)
 
     start = 0
     last = out / "last.safetensors"
