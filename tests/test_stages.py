@@ -128,8 +128,13 @@ def test_distillation_adapts_the_classifier_and_finetuning_does_not(tiny_pretrai
         return {id(p) for g in opt.param_groups if g["layer_adaptation"] for p in g["params"]}
 
     dcfg = make_config("distill", out="unused", teacher="unused", **TINY)
-    distilling = ClassificationTask(model, dcfg, 8, rt, teacher=teacher, distill=DistillationLoss(0.1))
+    # a student that starts as the trained teacher (what distill() does for self-distillation from the teacher)
+    distilling = ClassificationTask(model, dcfg, 8, rt, teacher=teacher, distill=DistillationLoss(0.1),
+                                    adapt_classifier=True)
     assert id(model.fc.weight) in adapted(distilling, dcfg) and id(model.fc.bias) not in adapted(distilling, dcfg)
+    # a fresh student's near-zero classifier: LARS's step is proportional to ||w||, so it stays plainly stepped
+    fresh = ClassificationTask(model, dcfg, 8, rt, teacher=teacher, distill=DistillationLoss(1.0))
+    assert id(model.fc.weight) not in adapted(fresh, dcfg)
     fcfg = make_config("finetune", out="unused", pretrained="unused", **TINY)
     finetuning = ClassificationTask(model, fcfg, 8, rt)  # zero-initialised classifier: LARS would never move it
     assert id(model.fc.weight) not in adapted(finetuning, fcfg)

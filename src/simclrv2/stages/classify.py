@@ -30,7 +30,8 @@ from simclrv2.stages.common import (
 
 class ClassificationTask(Task):
     def __init__(self, model: Classifier, cfg: RunConfig, image_size: int, rt: Runtime,
-                 teacher: nn.Module | None = None, distill: DistillationLoss | None = None, frozen_encoder: bool = False):
+                 teacher: nn.Module | None = None, distill: DistillationLoss | None = None, frozen_encoder: bool = False,
+                 adapt_classifier: bool = False):
         self.model, self.cfg, self.rt = model, cfg, rt
         self.frozen_encoder = frozen_encoder
         if frozen_encoder:
@@ -40,12 +41,13 @@ class ClassificationTask(Task):
         self.augment = FinetuneAugment(image_size, crop_scale=(cfg.crop_min, 1.0), pad_crop=cfg.pad_crop)
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.distill = distill
-        if teacher is not None:
-            # The distillation loss's gradient on the logits is (P_S - P_T) / tau: at tau = 0.1 ten times the
-            # cross-entropy's. A classifier left out of LARS's adaptation (as fine-tuning's zero-initialised one
-            # must be) then steps 10x too far at the pretraining-sized lr: a student on a pretrained encoder fell
-            # to 55% from an 81% teacher. Adapted (and decayed) like every other weight, its step no longer
-            # depends on the gradient's scale.
+        if adapt_classifier:
+            # A student that starts as a trained classifier (self-distillation from the teacher's weights): the
+            # distillation loss's gradient on the logits is (P_S - P_T) / tau, at tau = 0.1 ten times the
+            # cross-entropy's, and a classifier left out of LARS's adaptation then steps 10x too far at the
+            # pretraining-sized lr (a student on a pretrained encoder fell to 55% from an 81% teacher). Adapted (and
+            # decayed) like every other weight, its step no longer depends on the gradient's scale. A fresh
+            # classifier (near-zero weights) stays out: LARS's step is proportional to ||w||, it would barely move.
             self.lars_excluded = ()
 
     def train(self):
@@ -193,7 +195,7 @@ def distill(cfg: DistillConfig, rt: Runtime | None = None) -> dict[str, Any]:
     log.info(f"distill: {'self-distillation' if same else 'big-to-small'} tau={tau} alpha={cfg.alpha} "
              f"on {len(data.all_images())} images")
     result = _train_classifier("distill", cfg, student, data, rt, data.all_images(), out, meta, _label_fraction(cfg, data),
-                               teacher=teacher, distill=DistillationLoss(tau, cfg.alpha))
+                               teacher=teacher, distill=DistillationLoss(tau, cfg.alpha), adapt_classifier=whole)
     return result
 
 
