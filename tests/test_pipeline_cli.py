@@ -5,7 +5,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from simclrv2 import checkpoint as ckpt
 from simclrv2.cli import main
 from simclrv2.pipeline import parse_overrides
 
@@ -51,6 +53,23 @@ def test_pipeline_tiny_writes_report_and_reuses_stages(tmp_path):
     assert (stage_dir / "final.safetensors").exists() and (stage_dir / "metrics.jsonl").read_text() == rows
     third = json.loads((out / "report.json").read_text())
     assert [r["top1"] for r in third["results"]] == [r["top1"] for r in report["results"]]
+
+    # a stage stopped after its final checkpoint but before it stored its result (killed during its closing
+    # evaluation), last.* gone too: it is finished from final.*, not trained again from scratch
+    pre = out / "pretrain"
+    tensors, meta = ckpt.load_checkpoint(pre / "final.safetensors")
+    del meta["result"]
+    ckpt.save_checkpoint(pre / "final", tensors, meta)
+    for name in ("last.safetensors", "last.json"):
+        (pre / name).unlink()
+    rows = (pre / "metrics.jsonl").read_text()
+    assert main(["-q", "pipeline", "--preset", "tiny", "--out", str(out)]) == 0
+    assert (pre / "metrics.jsonl").read_text() == rows  # a fresh start would have rewritten it
+    finished, fmeta = ckpt.load_checkpoint(pre / "final.safetensors")
+    assert fmeta["result"]["knn"] == report["pretrain"]["knn_top1"]
+    assert all(torch.equal(finished[k], tensors[k]) for k in tensors)
+    # its time is the training time of the run that did the work (plus this one's moment)
+    assert 0 < meta["train_seconds"] <= fmeta["train_seconds"] < meta["train_seconds"] + 60
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -242,18 +242,26 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
     opt = build_optimizer(model, cfg, task.lars_excluded)
 
     start = 0
-    last = out / "last.safetensors"
-    if cfg.resume and last.exists():
-        tensors, saved = ckpt.load_checkpoint(last)
+    prior_seconds = 0.0  # training time of the earlier runs this one continues
+    resumed_row: dict[str, Any] = {}
+    last, final = out / "last.safetensors", out / "final.safetensors"
+    # a run killed after its final checkpoint but before its stage stored the result continues from final.*:
+    # nothing left to train, the stage then evaluates (its last.* may be gone)
+    source = last if last.exists() else final if final.exists() else None
+    if cfg.resume and source is not None:
+        tensors, saved = ckpt.load_checkpoint(source)
         if saved.get("total_steps") != total or saved.get("stage") != stage:
-            raise CheckpointError(f"{last}: cannot resume: it is stage {saved.get('stage')!r} with {saved.get('total_steps')} steps, "
+            raise CheckpointError(f"{source}: cannot resume: it is stage {saved.get('stage')!r} with {saved.get('total_steps')} steps, "
                                   f"this run is {stage!r} with {total} steps (same options needed)")
-        ckpt.load_state(model, ckpt.subdict(tensors, "model."), last, "model")
-        load_optimizer_tensors(opt, params, tensors)
-        task.load_extra_state(ckpt.subdict(tensors, "extra."))
+        ckpt.load_state(model, ckpt.subdict(tensors, "model."), source, "model")
+        if source == last:
+            load_optimizer_tensors(opt, params, tensors)
+            task.load_extra_state(ckpt.subdict(tensors, "extra."))
         start = int(saved["step"])
+        prior_seconds = float(saved.get("train_seconds", 0.0))
+        resumed_row = saved.get("metrics") or {}
         if rt.is_main:
-            log.info(f"{stage}: resuming from {last} at step {start}/{total}")
+            log.info(f"{stage}: resuming from {source} at step {start}/{total}")
     elif rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         # a fresh start must not leave an older run's resume point behind
@@ -280,7 +288,8 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
         if not rt.is_main:
             return
         info = dict(meta, stage=stage, step=step, epoch=step / steps_per_epoch, total_steps=total,
-                    steps_per_epoch=steps_per_epoch, config=to_dict(cfg), metrics=metrics, complete=name == "final")
+                    steps_per_epoch=steps_per_epoch, config=to_dict(cfg), metrics=metrics, complete=name == "final",
+                    train_seconds=prior_seconds + time.perf_counter() - t0)
         ckpt.save_checkpoint(out / name, tensors, info)
 
     metrics_writer = MetricsWriter(out, start, enabled=rt.is_main)  # metrics.jsonl, metrics.csv, TensorBoard
@@ -338,8 +347,8 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
     finally:
         progress.close()
         metrics_writer.close()
-    seconds = time.perf_counter() - t0
-    save("final", total, history[-1] if history else {})
+    seconds = prior_seconds + time.perf_counter() - t0  # all runs of this stage, not only the resumed part
+    save("final", total, history[-1] if history else resumed_row)
     rt.barrier()
     return FitResult(out, total, seconds, history)
 

@@ -57,6 +57,7 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
                  device: str | None = None) -> dict[str, Any]:
     """Run the recipe; returns the report (also written to OUT/report.json and OUT/report.md)."""
     from simclrv2.stages import distill, finetune, linear_eval, pretrain, supervised
+    from simclrv2.stages.common import stage_done
 
     preset = merge(load_preset(preset_name), overrides or {})
     if dataset:
@@ -93,8 +94,9 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
         fraction = kw.get("label_fraction")
         merged.update((by_fraction.get(fraction) or {}).get(section or stage) or {})
         values[stage] = merged
-        # a stage finished in an earlier run is reused; one interrupted continues from its last checkpoint
-        kw.setdefault("resume", not (Path(kw["out"]) / "final.safetensors").exists())
+        # a stage finished in an earlier run (its result stored) is reused; one interrupted continues from its
+        # last checkpoint, or from its final one when it was stopped before storing the result
+        kw.setdefault("resume", stage_done(Path(kw["out"])) is None)
         return make_config(stage, values, **kw)
 
     # Validate every stage's options before any work starts.
