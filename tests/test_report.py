@@ -76,7 +76,10 @@ def test_accuracy_plot_with_several_fractions_and_curve_titles(tmp_path):
     write_report(tmp_path, _report(results), {})
     assert (tmp_path / "accuracy_vs_labels.png").read_bytes()[:8] == PNG
     assert not (tmp_path / "training_curves.png").exists()  # no metrics: no curves, no section
-    assert "## Training curves" not in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "## Training curves" not in md
+    # this run's wall time (3 s) and the stages' own times added up: 4 rows x 2 s + pretraining 1 s
+    assert "Total time: 3 s for this run; the stages' training times add up to 9 s." in md
     assert _curve_title("finetune-head layer 1 @ 0.1") == "SimCLRv2 fine-tuned (head layer 1), 10% labels"
     assert _curve_title("pretrain") == "SimCLRv2 pretraining"
 

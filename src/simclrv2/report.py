@@ -49,7 +49,11 @@ def write_report(out: Path, report: dict[str, Any], curves: dict[str, str]) -> N
             method += f" ({r['variant']})"
         lines.append(f"| {method} | {r['model']} | {r['params'] / 1e6:.2f}M | {r['label_fraction'] * 100:g}% | "
                      f"{r['top1']:.2f} | {r['top5']:.2f} | {_fmt_time(r['seconds'])} |")
-    lines += ["", f"Total time: {_fmt_time(report.get('total_seconds', 0))}.", ""]
+    # the stages' own training times add up to what one uninterrupted run takes; this invocation's wall time
+    # is less when it reused stages finished earlier
+    stages = sum(r.get("seconds") or 0.0 for r in report.get("results", [])) + ((report.get("pretrain") or {}).get("seconds") or 0.0)
+    lines += ["", f"Total time: {_fmt_time(report.get('total_seconds', 0))} for this run; the stages' training times add "
+              f"up to {_fmt_time(stages)}.", ""]
     for title, name in plots:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     fmap = report.get("feature_map")
