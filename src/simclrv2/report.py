@@ -51,7 +51,8 @@ def write_report(out: Path, report: dict[str, Any], curves: dict[str, str]) -> N
                      f"{r['top1']:.2f} | {r['top5']:.2f} | {_fmt_time(r['seconds'])} |")
     # the stages' own training times add up to what one uninterrupted run takes; this invocation's wall time
     # is less when it reused stages finished earlier
-    stages = sum(r.get("seconds") or 0.0 for r in report.get("results", [])) + ((report.get("pretrain") or {}).get("seconds") or 0.0)
+    stages = sum(r.get("seconds") or 0.0 for r in report.get("results", []))
+    stages += (report.get("pretrain") or {}).get("seconds") or 0.0
     lines += ["", f"Total time: {_fmt_time(report.get('total_seconds', 0))} for this run; the stages' training times add "
               f"up to {_fmt_time(stages)}.", ""]
     for title, name in plots:
