@@ -9,7 +9,8 @@ import torch
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.cli import main
-from simclrv2.pipeline import parse_overrides
+from simclrv2.errors import ConfigError
+from simclrv2.pipeline import parse_overrides, run_pipeline
 
 
 def run_cli(*args, cwd=None):
@@ -134,3 +135,27 @@ def test_labels_per_class_overrides_the_default_fraction(tmp_path):
     label_of = dict(zip(train.ids, train.labels))
     per_class = [sum(1 for i in ids if label_of[i] == c) for c in range(10)]
     assert per_class == [4] * 10
+
+
+def test_pipeline_stages_run_apart_then_report(tmp_path):
+    """--stages splits the recipe over processes sharing --out; the report appears once all are done."""
+    out = tmp_path / "run"
+    # fine-tuning cannot start before the pretraining it starts from has finished
+    with pytest.raises(ConfigError, match="run the pipeline with --stages pretrain first"):
+        run_pipeline("tiny", out, stages=["finetune"])
+    partial = run_pipeline("tiny", out, stages=["supervised"])
+    assert [r["stage"] for r in partial["results"]] == ["supervised"]
+    assert not (out / "pretrain" / "final.safetensors").exists() and not (out / "report.json").exists()
+    assert str(out / "pretrain") in partial["not_finished"]
+    sup_mtime = (out / "labels_0.1" / "supervised" / "final.safetensors").stat().st_mtime_ns
+    partial = run_pipeline("tiny", out, stages=["pretrain", "linear_eval", "finetune"])
+    assert [r["stage"] for r in partial["results"]] == ["supervised", "pretrain_linear", "finetune"]
+    assert not (out / "labels_0.1" / "distill_self").exists() and not (out / "report.json").exists()
+    report = run_pipeline("tiny", out, stages=["distill"])
+    assert [(r["stage"], r.get("variant")) for r in report["results"]] == [
+        ("supervised", None), ("pretrain_linear", None), ("finetune", "head layer 1"), ("distill", "self"),
+        ("distill", "big-to-small")]
+    assert json.loads((out / "report.json").read_text())["results"] == report["results"]
+    # the supervised baseline trained first was reused, not trained again
+    assert (out / "labels_0.1" / "supervised" / "final.safetensors").stat().st_mtime_ns == sup_mtime
+    assert main(["pipeline", "--preset", "tiny", "--out", str(out), "--stages", "pretrian"]) == 2

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.OPTION=VALUE",
                    help="override a preset value, e.g. --set pretrain.epochs=5 or --set seed=1 (repeatable)")
     p.add_argument("--device", default=None)
+    p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                   help="run only these of supervised, pretrain, linear_eval, finetune, distill (default: all); "
+                        "e.g. the supervised baselines in a second process while the first pretrains, same --out")
 
     _inference_parsers(sub)
 
@@ -265,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             result = run_pipeline(args.preset, args.out, dataset=args.dataset, data_dir=args.data_dir,
                                   label_fractions=args.label_fractions, overrides=parse_overrides(args.overrides),
-                                  device=args.device)
+                                  device=args.device, stages=args.stages)
         else:
             result = _run_stage(args)
         print(json.dumps(result, indent=2, default=str))

@@ -3,7 +3,9 @@
 For each label fraction: supervised baseline, (one shared) pretraining, linear evaluation of the
 pretrained encoder, fine-tuning, self-distillation, and big-to-small distillation when the preset
 names a student. Any stage whose finished output is already in OUT is reused, so an interrupted
-pipeline is simply run again.
+pipeline is simply run again. ``stages`` runs only some of them (e.g. the supervised baselines on
+one machine while another pretrains, into the same OUT); the report is written once every stage's
+result is in OUT.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from simclrv2.report import model_name, pipeline_feature_map, write_report
 from simclrv2.runtime import log
 
 MODEL_KEYS = ("depth", "width", "sk")
+STAGES = ("supervised", "pretrain", "linear_eval", "finetune", "distill")
+# the stage whose finished output a stage starts from
+NEEDS = {"linear_eval": "pretrain", "finetune": "pretrain", "distill": "finetune"}
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -54,8 +59,11 @@ def merge(preset: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, data_dir: str | None = None,
                  label_fractions: list[float] | None = None, overrides: dict[str, Any] | None = None,
-                 device: str | None = None) -> dict[str, Any]:
-    """Run the recipe; returns the report (also written to OUT/report.json and OUT/report.md)."""
+                 device: str | None = None, stages: list[str] | None = None) -> dict[str, Any]:
+    """Run the recipe; returns the report (also written to OUT/report.json and OUT/report.md).
+
+    ``stages``: run only these (default: all); the others are reused when finished in OUT, else skipped,
+    and then the report is not written (the returned dict lists what is missing)."""
     from simclrv2.stages import distill, finetune, linear_eval, pretrain, supervised
     from simclrv2.stages.common import stage_done
 
@@ -70,6 +78,10 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
     for f in fractions:
         if not 0 < f <= 1:
             raise ConfigError(f"--label-fraction must be in (0, 1], got {f}")
+    selected = list(stages or STAGES)
+    unknown = sorted(set(selected) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"--stages: unknown {unknown}; expected some of {', '.join(STAGES)}")
     model = preset.get("model") or {}
 
     student = preset.get("student")
@@ -116,8 +128,25 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
     curves: dict[str, str] = {}
+    missing: list[str] = []
 
-    def add(stage: str, res: dict[str, Any], stage_dir: Path, fraction: float, variant: str | None = None):
+    def run(stage: str, fn, config, needs: Path | None = None) -> dict[str, Any] | None:
+        """The stage's result: trained (selected), reused (finished in OUT), or None (skipped)."""
+        stage_dir = Path(config.out)
+        if stage not in selected:
+            done = stage_done(stage_dir)
+            if done is None:
+                missing.append(str(stage_dir))
+                return None
+            return done["result"]
+        if needs is not None and stage_done(needs) is None:
+            raise ConfigError(f"--stages {stage}: needs the finished {NEEDS[stage]} stage in {needs}; "
+                              f"run the pipeline with --stages {NEEDS[stage]} first (same --out)")
+        return fn(config)
+
+    def add(stage: str, res: dict[str, Any] | None, stage_dir: Path, fraction: float, variant: str | None = None):
+        if res is None:
+            return
         meta = ckpt.read_meta(stage_dir / "final.safetensors")
         row = {"stage": stage, "model": model_name(meta["model"]), "params": int(res["params"]),
                "label_fraction": float(fraction), "top1": float(res["top1"]), "top5": float(res["top5"]),
@@ -129,31 +158,41 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
 
     log.info(f"pipeline: {preset.get('dataset', 'fashion-mnist')}, label fractions {fractions}, preset {preset_name}")
     pre_cfg = configs[0]
-    pre = pretrain(pre_cfg)
+    pre = run("pretrain", pretrain, pre_cfg)
     curves["pretrain"] = str(out / "pretrain" / "metrics.jsonl")
     for f in fractions:
         fdir = out / f"labels_{f:g}"
         sup_dir = fdir / "supervised"
-        add("supervised", supervised(cfg("supervised", out=str(sup_dir), label_fraction=f, **model)), sup_dir, f)
+        add("supervised", run("supervised", supervised, cfg("supervised", out=str(sup_dir), label_fraction=f, **model)),
+            sup_dir, f)
         lin_dir = fdir / "linear_eval"
-        add("pretrain_linear", linear_eval(cfg("linear_eval", out=str(lin_dir), pretrained=str(out / "pretrain"),
-                                                label_fraction=f)), lin_dir, f)
+        add("pretrain_linear", run("linear_eval", linear_eval, cfg("linear_eval", out=str(lin_dir),
+                                   pretrained=str(out / "pretrain"), label_fraction=f), out / "pretrain"), lin_dir, f)
         teacher_dir = None
         for k in head_layers:
             name = "finetune" if k is None or k == head_layers[0] else f"finetune_head{k}"
             ft_dir = fdir / name
-            res = finetune(cfg("finetune", out=str(ft_dir), pretrained=str(out / "pretrain"), label_fraction=f, head_layer=k))
-            layer = ckpt.read_meta(ft_dir / "final.safetensors")["model"]["head_layer"]
-            add("finetune", res, ft_dir, f, variant=f"head layer {layer}")
+            res = run("finetune", finetune, cfg("finetune", out=str(ft_dir), pretrained=str(out / "pretrain"),
+                                                label_fraction=f, head_layer=k), out / "pretrain")
+            if res is not None:
+                layer = ckpt.read_meta(ft_dir / "final.safetensors")["model"]["head_layer"]
+                add("finetune", res, ft_dir, f, variant=f"head layer {layer}")
             teacher_dir = teacher_dir or ft_dir
         self_dir = fdir / "distill_self"
         init_from = {"none": None, "teacher": str(teacher_dir), "pretrained": str(out / "pretrain")}[init]
-        add("distill", distill(cfg("distill", out=str(self_dir), teacher=str(teacher_dir), label_fraction=f,
-                                   init_from=init_from)), self_dir, f, variant="self")
+        add("distill", run("distill", distill, cfg("distill", out=str(self_dir), teacher=str(teacher_dir),
+                                                   label_fraction=f, init_from=init_from), teacher_dir),
+            self_dir, f, variant="self")
         if student:
             small_dir = fdir / "distill_small"
-            add("distill", distill(cfg("distill", "distill_small", out=str(small_dir), teacher=str(self_dir),
-                                       label_fraction=f, **student)), small_dir, f, variant="big-to-small")
+            # the small student learns from the self-distilled model
+            add("distill", run("distill", distill, cfg("distill", "distill_small", out=str(small_dir),
+                                                       teacher=str(self_dir), label_fraction=f, **student)),
+                small_dir, f, variant="big-to-small")
+
+    if missing:
+        log.info(f"pipeline: report not written: {len(missing)} stage(s) not finished yet ({', '.join(missing)})")
+        return {"out": str(out), "stages": selected, "results": results, "not_finished": missing}
 
     report = {"dataset": pre_cfg.dataset, "preset": str(preset_name), "results": results,
               "pretrain": {"model": model_name(ckpt.read_meta(out / "pretrain" / "final.safetensors")["model"]),
