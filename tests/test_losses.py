@@ -47,6 +47,42 @@ def test_ntxent_matches_brute_force_values_and_gradients(tau, with_queue):
     assert torch.allclose(gb.double(), ref_gb, rtol=1e-4, atol=1e-6)
 
 
+def brute_force_ntxent_keys(z_a, z_b, k_a, k_b, tau, queue):
+    """The keys variant as a double loop in float64: anchor i against key p(i), all keys but its own
+    view's, and the queue."""
+    unit = lambda x: x.double() / x.double().norm(dim=1, keepdim=True)
+    z, k, q = unit(torch.cat([z_a, z_b])), unit(torch.cat([k_a, k_b])), unit(queue)
+    n2 = z.shape[0]
+    total = 0.0
+    for i in range(n2):
+        denom = sum(torch.exp(z[i] @ k[j] / tau) for j in range(n2) if j != i)
+        denom = denom + sum(torch.exp(z[i] @ q[j] / tau) for j in range(q.shape[0]))
+        total = total - torch.log(torch.exp(z[i] @ k[(i + n2 // 2) % n2] / tau) / denom)
+    return total / n2
+
+
+def test_ntxent_with_keys_matches_brute_force_and_keys_get_no_gradient():
+    g = torch.Generator().manual_seed(1)
+    z_a, z_b, k_a, k_b = (torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4))
+    queue = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    ref = brute_force_ntxent_keys(z_a, z_b, k_a, k_b, 0.5, queue)
+    ref_ga, ref_gb = torch.autograd.grad(ref, [z_a, z_b])
+    za, zb, ka, kb = (t.detach().float().requires_grad_() for t in (z_a, z_b, k_a, k_b))
+    loss = NTXentLoss(0.5)(za, zb, queue.float(), keys=(ka, kb))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    ga, gb = torch.autograd.grad(loss, [za, zb])
+    assert torch.allclose(ga.double(), ref_ga, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(gb.double(), ref_gb, rtol=1e-4, atol=1e-6)
+    # keys are targets: no gradient reaches them
+    loss = NTXentLoss(0.5)(za, zb, queue.float(), keys=(ka, kb))
+    assert loss.grad_fn is not None and torch.autograd.grad(loss, [ka], allow_unused=True)[0] is None
+    # keys equal to the anchors give the plain loss
+    same = NTXentLoss(0.5)(za, zb, queue.float(), keys=(za, zb))
+    assert same.item() == pytest.approx(brute_force_ntxent(z_a, z_b, 0.5, queue).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="keys"):
+        NTXentLoss(0.5)(za, zb, keys=(ka[:3], kb))
+
+
 def test_ntxent_perfect_alignment_beats_random():
     z = torch.randn(16, 8)
     loss = NTXentLoss(0.1)

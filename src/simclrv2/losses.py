@@ -34,6 +34,14 @@ class NTXentLoss(nn.Module):
     of l_i over the 2N anchors: a scalar. (The official TF code returns the sum of the two
     directions' means, i.e. 2x this value.)
 
+    ``keys=(k_a, k_b)`` (each [N, d], no gradient; e.g. an EMA network's projections of the same
+    views) makes the candidates the keys instead of the anchors: s(i, k) = u_i·v_k / τ with v the
+    normalised keys, positive v_p(i), and k ≠ i excludes the anchor's own view's key. Use it with a
+    queue of such keys: the positive and every negative then come from the same network. (Online
+    positives against EMA negatives let the encoder lower the loss by telling the two networks'
+    outputs apart: measured, the online embeddings bunched together, mean cosine 0.66 between
+    different images, orthogonal to the whole queue.)
+
     ``gather_distributed=True``: under torch.distributed, both views of all ranks are gathered as
     candidates (gradients flow to each rank's own slice); the loss is the mean over this rank's
     anchors, so that DDP's gradient average equals one process on the global batch.
@@ -46,16 +54,23 @@ class NTXentLoss(nn.Module):
         self.temperature = temperature
         self.gather_distributed = gather_distributed
 
-    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor, extra_negatives: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor, extra_negatives: torch.Tensor | None = None,
+                keys: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if z_a.shape != z_b.shape or z_a.dim() != 2:
             raise ValueError(f"NTXentLoss expects two [N, d] tensors of the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
+        if keys is not None and (keys[0].shape != z_a.shape or keys[1].shape != z_a.shape):
+            raise ValueError(f"NTXentLoss keys must be two [N, d] tensors shaped like z_a {tuple(z_a.shape)}")
         with torch.autocast(z_a.device.type, enabled=False):  # similarities in fp32 even under bf16 autocast
-            return self._loss(z_a, z_b, extra_negatives)
+            return self._loss(z_a, z_b, extra_negatives, keys)
 
-    def _loss(self, z_a: torch.Tensor, z_b: torch.Tensor, extra_negatives: torch.Tensor | None) -> torch.Tensor:
+    def _loss(self, z_a: torch.Tensor, z_b: torch.Tensor, extra_negatives: torch.Tensor | None,
+              keys: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         n = z_a.shape[0]
         u = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # [2N, d]: anchors of this rank
-        u_a, u_b = u[:n], u[n:]
+        if keys is None:
+            u_a, u_b = u[:n], u[n:]
+        else:
+            u_a, u_b = F.normalize(torch.cat(keys).detach().float(), dim=1).chunk(2)
         if self.gather_distributed:
             all_a, offset = gather_with_grad(u_a)
             all_b, _ = gather_with_grad(u_b)

@@ -56,8 +56,15 @@ class ContrastiveTask(Task):
             self._pending_keys = F.normalize(keys.float(), dim=1)
         h, z, probe_logits = self.net(v, probe=True)
         z_a, z_b = z.float().chunk(2)
-        contrastive = self.criterion(z_a, z_b, negatives)
+        contrastive = self.criterion(z_a, z_b)
         parts = {"contrastive": contrastive.detach()}
+        if self.ema is not None:
+            # the queue's negatives enter a second NT-Xent whose positive is the EMA key of the other view, so
+            # that no softmax mixes online and EMA outputs (when it did, the encoder learned to tell the two apart
+            # instead of the images: see losses.NTXentLoss); the two terms averaged
+            memory = self.criterion(z_a, z_b, negatives, keys=self._pending_keys.chunk(2))
+            parts["memory"] = memory.detach()
+            contrastive = (contrastive + memory) / 2
         loss = contrastive
         if probe_logits is not None:
             y = torch.cat([labels, labels])
