@@ -193,7 +193,7 @@ def _plot_curves(path: Path, curves: dict[str, str]) -> bool:
     for ax in flat[panels:]:
         ax.set_visible(False)
     fig.suptitle("Training curves per stage", fontsize=12)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the suptitle
     _savefig(fig, path)
     plt.close(fig)
     return True
@@ -271,7 +271,7 @@ def plot_feature_map(path: Path, maps: dict[str, Any], labels, classes: list[str
     fig.legend(handles, names, title="class", loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=2.5,
                fontsize=9 if len(classes) <= 20 else 6, ncol=1 if len(classes) <= 25 else 2, frameon=False)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     _savefig(fig, path)
     plt.close(fig)
 
