@@ -28,7 +28,12 @@ HELP = {
     "resume": "continue from OUT/last.safetensors on the same schedule",
     "lr": "base learning rate (scaled by --lr-scaling and the batch size)",
     "batch_size": "global batch size (all processes together)",
-    "precision": "auto (bf16 where the hardware supports it) | bf16 | fp32",
+    "precision": "auto (bf16 where the hardware computes it natively, else fp32) | bf16 | fp16 (CUDA GPUs without "
+                 "bf16, e.g. V100/T4; with loss scaling) | fp32 (IEEE: TF32 off unless --tf32)",
+    "tf32": "CUDA: TF32 float32 matmuls and convolutions (default: on, except with --precision fp32)",
+    "check_images": "image folders: decode every image once before training (results cached per file); "
+                    "--no-check-images starts at once, and a broken file then stops training when a loader meets it",
+    "dist_timeout": "torchrun: seconds a collective may wait for the slowest process before the run fails",
     "head_layer": "fine-tune from this projection-head layer (default 1 with <= 10%% labels, else 0)",
     "memory_size": "MoCo-style queue of EMA keys used as extra negatives (0 = off)",
     "teacher": "fine-tuned checkpoint (file or stage directory) that labels the images",
@@ -121,7 +126,7 @@ def _inference_parsers(sub) -> None:
     def runtime_options(p):
         p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
         p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-        p.add_argument("--precision", default="fp32", help="fp32 | bf16 | auto (default: fp32)")
+        p.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 | auto (default: fp32)")
 
     p = sub.add_parser("embed", help="features of image files or folders -> .npy (+ .paths.txt with the row order)",
                        description="Features of images (the encoder output, a projection-head layer of a pretrained "

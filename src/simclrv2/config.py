@@ -30,11 +30,14 @@ class RunConfig:
     image_size: int | None = None  # None: the dataset's native size
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 where native) | bf16 | fp16 (CUDA, with loss scaling) | fp32
+    tf32: bool | None = None  # CUDA: TF32 matmuls/convolutions; None = on unless precision is fp32
     channels_last: bool = False
     compile: bool = False
     workers: int = 2  # decode workers for on-disk image folders
     skip_bad_images: bool = False  # image folders: skip unreadable files (logged) instead of stopping
+    check_images: bool = True  # image folders: decode every image before training (cached per file)
+    dist_timeout: float = 1800.0  # seconds a collective may wait under torchrun before the run fails
     resume: bool = False
     epochs: float = 10
     batch_size: int = 256  # global batch (all processes together)
@@ -214,8 +217,10 @@ def validate(cfg: RunConfig) -> None:
         bad("lr_scaling", f"must be sqrt, linear or none, got {cfg.lr_scaling!r}")
     if cfg.optimizer not in ("lars", "sgd"):
         bad("optimizer", f"must be lars or sgd, got {cfg.optimizer!r}")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        bad("precision", f"must be auto, bf16 or fp32, got {cfg.precision!r}")
+    if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
+        bad("precision", f"must be auto, bf16, fp16 or fp32, got {cfg.precision!r}")
+    if not 0 < cfg.dist_timeout <= 7 * 86400:
+        bad("dist_timeout", f"must be between 0 and 604800 seconds, got {cfg.dist_timeout}")
     if not 0 <= cfg.warmup_fraction < 1:
         bad("warmup_fraction", f"must be in [0, 1), got {cfg.warmup_fraction}")
     if cfg.weight_decay < 0:

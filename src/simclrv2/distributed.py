@@ -33,15 +33,30 @@ def _initialised() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+class _AllGatherGrad(torch.autograd.Function):
+    """all_gather whose backward sums, over ranks, the gradients of this rank's slice (public
+    collectives only: an all_reduce of the gathered gradient, then this rank's rows)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group, ctx.rows = group, x.shape[0]
+        ctx.rank = dist.get_rank(group)
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+
+
 def all_gather_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     """All ranks' ``x`` (same shape everywhere) concatenated along dim 0, differentiable: the
     backward sends each rank the sum over ranks of the gradients of its slice."""
-    import torch.distributed._functional_collectives as fc
-
     group = group if group is not None else dist.group.WORLD
-    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
-    out = gather(x.contiguous(), 0, group)
-    return fc.wait_tensor(out) if isinstance(out, fc.AsyncCollectiveTensor) else out
+    return _AllGatherGrad.apply(x.contiguous(), group)
 
 
 class GlobalBatchNorm(_BatchNorm):

@@ -207,15 +207,24 @@ def _divergence_advice(last: Path) -> str:
 
 
 def train_step(task: Task, opt: torch.optim.Optimizer, rt: Runtime, images: torch.Tensor, labels: torch.Tensor,
-               lr: float, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               lr: float, generator: torch.Generator, scaler=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimisation step of :func:`fit` at learning rate ``lr``: loss, backward, update,
-    ``task.after_step()``; returns ``task.loss``'s (loss, parts). ``bench/run.py`` times it."""
+    ``task.after_step()``; returns ``task.loss``'s (loss, parts). ``bench/run.py`` times it.
+
+    ``scaler`` (fp16, :meth:`Runtime.grad_scaler`): the loss is scaled before backward and the
+    gradients unscaled before the optimiser sees them (LARS's trust ratio included); a step whose
+    gradients overflowed is skipped and the scale lowered, as ``torch.amp.GradScaler`` does."""
     set_lr(opt, lr)
     with rt.autocast():
         loss, parts = task.loss(images, labels, generator)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
     task.after_step()
     return loss, parts
 
@@ -240,6 +249,7 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
     model = task.model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, cfg, task.lars_excluded)
+    scaler = rt.grad_scaler()  # fp16 only
 
     start = 0
     prior_seconds = 0.0  # training time of the earlier runs this one continues
@@ -257,6 +267,8 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
         if source == last:
             load_optimizer_tensors(opt, params, tensors)
             task.load_extra_state(ckpt.subdict(tensors, "extra."))
+            if scaler is not None and isinstance(saved.get("grad_scaler"), dict):
+                scaler.load_state_dict(saved["grad_scaler"])
         start = int(saved["step"])
         prior_seconds = float(saved.get("train_seconds", 0.0))
         resumed_row = saved.get("metrics") or {}
@@ -289,7 +301,10 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
             return
         info = dict(meta, stage=stage, step=step, epoch=step / steps_per_epoch, total_steps=total,
                     steps_per_epoch=steps_per_epoch, config=to_dict(cfg), metrics=metrics, complete=name == "final",
+                    precision=rt.precision,
                     train_seconds=prior_seconds + time.perf_counter() - t0)
+        if scaler is not None:
+            info["grad_scaler"] = scaler.state_dict()  # the loss scale and its growth counter: exact resume
         ckpt.save_checkpoint(out / name, tensors, info)
 
     metrics_writer = MetricsWriter(out, start, enabled=rt.is_main)  # metrics.jsonl, metrics.csv, TensorBoard
@@ -312,7 +327,7 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
             for images, labels in stream.epoch(epoch, first):
                 lr = schedule(step)
                 gen = step_generator(cfg.seed, step, rt.device)
-                loss, parts = train_step(task, opt, rt, images, labels, lr, gen)
+                loss, parts = train_step(task, opt, rt, images, labels, lr, gen, scaler)
                 values = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())])
                 sums = values if sums is None else sums + values
                 step += 1

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simclrv2.errors import ConfigError
+from simclrv2.runtime import ieee_fp32_matmul
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -60,7 +61,8 @@ class NTXentLoss(nn.Module):
             raise ValueError(f"NTXentLoss expects two [N, d] tensors of the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
         if keys is not None and (keys[0].shape != z_a.shape or keys[1].shape != z_a.shape):
             raise ValueError(f"NTXentLoss keys must be two [N, d] tensors shaped like z_a {tuple(z_a.shape)}")
-        with torch.autocast(z_a.device.type, enabled=False):  # similarities in fp32 even under bf16 autocast
+        # similarities in IEEE fp32 even under autocast or TF32: tau = 0.1 magnifies their errors ten times
+        with torch.autocast(z_a.device.type, enabled=False), ieee_fp32_matmul():
             return self._loss(z_a, z_b, extra_negatives, keys)
 
     def _loss(self, z_a: torch.Tensor, z_b: torch.Tensor, extra_negatives: torch.Tensor | None,

@@ -93,6 +93,24 @@ _CPU_CHUNK_ELEMENTS = 1 << 21
 # helpers
 
 
+def _outside_autocast(method):
+    """Run a transform with autocast off. The training step calls the augmentations inside the
+    model's autocast region; there the luma matmul and the blur convolution would return bf16/fp16
+    while the rest of the batch is float32 (``index_copy_`` then fails, and views would lose
+    precision). Views are computed in float32 whatever the caller's autocast state."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, images, *args, **kwargs):
+        device_type = images.device.type if isinstance(images, Tensor) else "cpu"
+        if device_type not in ("cpu", "cuda"):  # devices without an autocast of their own
+            return method(self, images, *args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return method(self, images, *args, **kwargs)
+
+    return wrapper
+
+
 def to_float_images(images: Tensor) -> Tensor:
     """``uint8`` 0..255 or float [0, 1] ``[B, C, H, W]`` -> ``float32`` [0, 1] (new tensor for uint8)."""
     if images.dim() != 4:
@@ -497,6 +515,7 @@ class PretrainAugment(torch.nn.Module):
     ) -> Tensor:
         return self.views(images, generator, rows, n=1)
 
+    @_outside_autocast
     def views(
         self, images: Tensor, generator: torch.Generator | None = None, rows: tuple[int, int] | None = None,
         n: int = 2,
@@ -585,6 +604,7 @@ class FinetuneAugment(torch.nn.Module):
             f"flip_p={self.flip_p}, pad_crop={self.pad_crop}"
         )
 
+    @_outside_autocast
     def forward(
         self, images: Tensor, generator: torch.Generator | None = None, rows: tuple[int, int] | None = None
     ) -> Tensor:
@@ -645,6 +665,7 @@ class EvalTransform(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"image_size={self.image_size}, crop_fraction={self.crop_fraction}"
 
+    @_outside_autocast
     def forward(self, images: Tensor) -> Tensor:
         x = to_float_images(images)
         _, _, height, width = x.shape

@@ -101,7 +101,7 @@ def _start(stage: str, cfg: RunConfig, rt: Runtime | None):
     if done and not cfg.resume:
         log.info(f"{stage}: {out} already holds a finished run; reusing it")
         return out, done["result"], None
-    rt = rt or init_runtime(cfg.device, cfg.precision)
+    rt = rt or init_runtime(cfg.device, cfg.precision, cfg.tf32, cfg.dist_timeout)
     torch.manual_seed(cfg.seed)
     return out, None, rt
 

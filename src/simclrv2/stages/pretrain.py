@@ -147,7 +147,7 @@ def pretrain(cfg: PretrainConfig, rt: Runtime | None = None) -> dict[str, Any]:
     if done and not cfg.resume:
         log.info(f"pretrain: {out} already holds a finished run; reusing it")
         return done["result"]
-    rt = rt or init_runtime(cfg.device, cfg.precision)
+    rt = rt or init_runtime(cfg.device, cfg.precision, cfg.tf32, cfg.dist_timeout)
     torch.manual_seed(cfg.seed)
     data = prepare_data(cfg, out if rt.is_main else None)
     spec = model_spec("simclr", depth=cfg.depth, width=cfg.width, sk=cfg.sk, small_images=data.small_images,
