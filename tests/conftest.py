@@ -1,5 +1,12 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# the image check's cache (simclrv2.data.image_check) of this test session, not the user's ~/.cache;
+# set before anything runs so that subprocesses (torchrun tests) inherit it
+os.environ["SIMCLRV2_CACHE_DIR"] = tempfile.mkdtemp(prefix="simclrv2-test-cache-")
 
 torch.set_num_threads(2)
 

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from simclrv2 import checkpoint as ckpt
+from simclrv2.data.image_check import cache_path
 from simclrv2.cli import main
 from simclrv2.errors import CheckpointError
 from simclrv2.models import build_model, model_spec
@@ -415,8 +416,8 @@ def test_unreadable_images_fail_naming_the_file_or_are_skipped(tmp_path):
     rc, text = run(*folder_args(root, out, "--skip-bad-images"))
     assert rc == 0, text
     assert "skipping 2 unreadable image(s)" in text and "train/b/b3.png" in text and "train/c/notes.jpg" in text
-    check = json.loads((out / "image_check.json").read_text())
-    assert sorted(i for v in check.values() for i, _ in v["unreadable"]) == ["train/b/b3.png", "train/c/notes.jpg"]
+    cached = [json.loads(line) for line in cache_path(str(root), "train", 16).read_text().splitlines()]
+    assert sorted(i for i, _, _, reason in cached if reason) == ["train/b/b3.png", "train/c/notes.jpg"]
     assert len((out / "labeled_subset.txt").read_text().split()) == 23  # 24 + notes.jpg - 2
     assert_outputs_whole(out)
 
@@ -594,21 +595,22 @@ def test_cli_one_line_helper_unwraps_dataloader_worker_messages():
 
 
 def test_image_check_runs_in_workers_and_is_reused_on_resume(tmp_path, monkeypatch):
-    from simclrv2.stages import common
+    from simclrv2.data import image_check
 
     root = make_folder(tmp_path / "data")
     (root / "val" / "a" / "a0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # the test split is checked too
-    monkeypatch.setattr(common, "_PARALLEL_FROM", 1)  # decode in DataLoader workers even for 33 images
+    monkeypatch.setattr(image_check, "_WORKERS_FROM", 1)  # decode in DataLoader workers even for 33 images
     out = tmp_path / "out"
     rc, text = run(*folder_args(root, out, "--workers", "2", "--skip-bad-images", "--checkpoint-every", "1"))
     assert rc == 0 and "skipping 1 unreadable image(s)" in text and "val/a/a0.png" in text, text
 
-    def must_not_run(*a):
-        raise AssertionError("the image check was not reused")
-
-    monkeypatch.setattr(common, "_unreadable", must_not_run)
+    decoded = []
+    original = image_check._Probe.__getitem__
+    monkeypatch.setattr(image_check, "_WORKERS_FROM", 10**9)  # in this process, where the calls can be counted
+    monkeypatch.setattr(image_check._Probe, "__getitem__", lambda self, j: decoded.append(j) or original(self, j))
     (out / "final.safetensors").unlink()  # as if killed before the end
-    assert run(*folder_args(root, out, "--workers", "2", "--skip-bad-images", "--checkpoint-every", "1", "--resume"))[0] == 0
-    (root / "train" / "a" / "a1.png").touch()  # a changed folder is checked again
-    with pytest.raises(AssertionError, match="not reused"):
-        run(*folder_args(root, out, "--workers", "2", "--skip-bad-images", "--resume"))
+    rc, text = run(*folder_args(root, out, "--workers", "2", "--skip-bad-images", "--checkpoint-every", "1", "--resume"))
+    assert rc == 0 and "skipping 1 unreadable image(s)" in text and not decoded, text  # the bad file is remembered too
+    (root / "train" / "a" / "a1.png").touch()  # a changed file is checked again, and only it
+    assert run(*folder_args(root, out, "--workers", "2", "--skip-bad-images", "--resume"))[0] == 0
+    assert len(decoded) == 1

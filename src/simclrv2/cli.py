@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default: 500)")
+    p.add_argument("--workers", type=int, default=2, help="image-folder decode workers (default: 2)")
 
     p = sub.add_parser("pipeline", help="the whole recipe for each label fraction, with a report")
     p.add_argument("--preset", default="cpu-demo", help=f"one of {', '.join(preset_names())} or a YAML file (default: cpu-demo)")
@@ -265,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
             if args.dataset is None and "dataset" not in read_meta(args.checkpoint):
                 raise ConfigError(f"{args.checkpoint}: the checkpoint does not name its dataset; pass --dataset")
-            result = evaluate(args.checkpoint, args.dataset, args.data_dir, args.split, args.device, args.precision, args.batch_size)
+            result = evaluate(args.checkpoint, args.dataset, args.data_dir, args.split, args.device, args.precision, args.batch_size,
+                              args.workers)
         elif args.command in ("embed", "predict", "export", "import-tf"):
             result = _run_inference(args)
         elif args.command == "pipeline":

@@ -193,6 +193,40 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) without a process group."""
+    if not _initialised():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` without a process group)."""
+    if not _initialised() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_rows(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The rows of every rank's ``x`` concatenated in rank order, on every rank (row counts may
+    differ between ranks; other dimensions and dtype must agree). ``device``: where the backend
+    communicates (the rank's GPU for NCCL, the CPU for gloo); the result is on ``x``'s device."""
+    if not _initialised() or dist.get_world_size() == 1:
+        return x
+    size = dist.get_world_size()
+    count = torch.tensor([x.shape[0]], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(count) for _ in range(size)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = torch.zeros((max(counts), *x.shape[1:]), dtype=x.dtype, device=device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device)
+
+
 def broadcast_object(obj):
     """Rank 0's ``obj`` on every rank (``obj`` itself without a process group)."""
     if not _initialised() or dist.get_world_size() == 1:

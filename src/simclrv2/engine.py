@@ -15,7 +15,6 @@ process would draw them for the whole global batch (:func:`step_generator`,
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -31,7 +30,7 @@ from torch import nn
 from simclrv2 import checkpoint as ckpt
 from simclrv2.config import RunConfig, dump, to_dict
 from simclrv2.data import ImageDataset
-from simclrv2.distributed import all_reduce_mean, same_on_all_ranks
+from simclrv2.distributed import all_reduce_mean, gather_rows, same_on_all_ranks
 from simclrv2.errors import CheckpointError, ConfigError, DivergenceError
 from simclrv2.metrics import MetricsWriter
 from simclrv2.optim import CLASSIFIER_PREFIXES, LARS, WarmupCosine, param_groups, scale_lr, set_lr
@@ -123,19 +122,26 @@ class BatchStream:
         return out
 
     def epoch(self, epoch: int, first: int = 0):
-        batches = self._local_indices(epoch, first)
-        pin = self.rt.device.type == "cuda"
-        if self.data.in_memory:
-            for idx in batches:
-                images, labels = self.data.get_batch(idx)
-                yield images.to(self.rt.device, non_blocking=pin), labels.to(self.rt.device, non_blocking=pin)
-        else:
-            loader = torch.utils.data.DataLoader(
-                self.data, batch_sampler=[b.tolist() for b in batches], num_workers=self.workers,
-                pin_memory=pin, persistent_workers=False, prefetch_factor=4 if self.workers else None,
-            )
-            for images, labels in loader:
-                yield images.to(self.rt.device, non_blocking=pin), labels.to(self.rt.device, non_blocking=pin)
+        return load_batches(self.data, self._local_indices(epoch, first), self.rt, self.workers)
+
+
+def load_batches(data: ImageDataset, batches: list[np.ndarray], rt: Runtime, workers: int):
+    """(images, labels) of each index array in ``batches``, on ``rt.device``: in-memory datasets are
+    indexed directly (one vectorised gather per batch); on-disk ones are decoded by ``workers``
+    DataLoader worker processes, ahead of the loop."""
+    pin = rt.device.type == "cuda"
+    if data.in_memory:
+        for idx in batches:
+            images, labels = data.get_batch(idx)
+            yield images.to(rt.device, non_blocking=pin), labels.to(rt.device, non_blocking=pin)
+        return
+    # its own generator: the DataLoader would otherwise draw its workers' seed from the global RNG
+    loader = torch.utils.data.DataLoader(
+        data, batch_sampler=[b.tolist() for b in batches], num_workers=workers, pin_memory=pin,
+        persistent_workers=False, prefetch_factor=4 if workers else None, generator=torch.Generator(),
+    )
+    for images, labels in loader:
+        yield images.to(rt.device, non_blocking=pin), labels.to(rt.device, non_blocking=pin)
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig, lars_excluded: tuple[str, ...] = CLASSIFIER_PREFIXES) -> torch.optim.Optimizer:
@@ -372,21 +378,30 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
 
 @torch.no_grad()
 def predict(model: nn.Module, data: ImageDataset, rt: Runtime, transform: nn.Module, batch_size: int = 500,
-            fn=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(outputs, labels) over a whole dataset in order, model in eval mode; ``fn(model, x)`` picks the output."""
+            fn=None, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs, labels) over a whole dataset in order, model in eval mode; ``fn(model, x)`` picks the output.
+
+    On-disk datasets are decoded by ``workers`` DataLoader workers. Under torchrun every process
+    computes a contiguous block of the rows and every process returns the whole result (call it
+    on all processes); ``model`` is the plain module (not DDP), in eval mode it needs no collective.
+    """
     was_training = model.training
     model.eval()
+    n = len(data)
+    lo, hi = rt.rank * n // rt.world_size, (rt.rank + 1) * n // rt.world_size
+    rows = np.arange(lo, hi) if hi > lo else np.arange(0, min(1, n))  # an empty block still gives the output's shape
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     outs, labels = [], []
-    for start in range(0, len(data), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(data)))
-        x, y = data.get_batch(idx)
-        x = transform(x.to(rt.device))
+    for x, y in load_batches(data, batches, rt, workers):
         with rt.autocast():
-            o = fn(model, x) if fn is not None else model(x)
-        outs.append(o.float().cpu())
+            o = fn(model, transform(x)) if fn is not None else model(transform(x))
+        outs.append(o.float())
         labels.append(y)
     model.train(was_training)
-    return torch.cat(outs), torch.cat(labels)
+    out, lab = torch.cat(outs)[:hi - lo], torch.cat(labels)[:hi - lo]
+    if rt.distributed:
+        out, lab = gather_rows(out, rt.device), gather_rows(lab, rt.device)
+    return out.cpu(), lab.cpu()
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:

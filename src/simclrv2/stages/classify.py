@@ -79,8 +79,7 @@ def _train_classifier(stage: str, cfg: RunConfig, model: Classifier, data, rt: R
     fitted = fit(task, cfg, rt, train_set, out, stage, meta)
     result: dict[str, Any] = {"stage": stage, "params": count_params(model), "seconds": fitted.seconds,
                               "label_fraction": label_fraction, "labeled_images": len(data.labeled)}
-    if rt.is_main:
-        result.update(evaluate_classifier(model, data.test, rt, data.image_size, cfg.eval_batch_size))
+    result.update(evaluate_classifier(model, data.test, rt, data.image_size, cfg.eval_batch_size, cfg.workers))
     finish(out, rt, result)
     log_result(stage, result)
     return result
@@ -200,7 +199,7 @@ def distill(cfg: DistillConfig, rt: Runtime | None = None) -> dict[str, Any]:
 
 
 def evaluate(checkpoint: str, dataset: str | None = None, data_dir: str | None = None, split: str = "test",
-             device: str = "auto", precision: str = "auto", batch_size: int = 500) -> dict[str, Any]:
+             device: str = "auto", precision: str = "auto", batch_size: int = 500, workers: int = 2) -> dict[str, Any]:
     """Top-1 / top-5 (percent) of a classifier checkpoint on a dataset split."""
     from simclrv2.data import load_dataset
 
@@ -212,7 +211,7 @@ def evaluate(checkpoint: str, dataset: str | None = None, data_dir: str | None =
         raise ConfigError(f"{source}: model expects {meta['model']['in_channels']}-channel images and "
                           f"{meta['model']['num_classes']} classes; {ds.name} {split} has {ds.channels} and {len(ds.classes)}")
     size = meta.get("image_size") or ds.image_size
-    result = evaluate_classifier(model, ds, rt, size, batch_size)
+    result = evaluate_classifier(model, ds, rt, size, batch_size, workers)
     result.update(checkpoint=str(source), dataset=ds.name, split=split, images=len(ds))
     return result
 

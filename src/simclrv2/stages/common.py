@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,7 @@ from simclrv2 import checkpoint as ckpt
 from simclrv2.config import RunConfig
 from simclrv2.data import ImageDataset, ImageFolderDataset, concat, load_dataset, split_labeled, write_subset_file
 from simclrv2.data.augment import EvalTransform
+from simclrv2.data.image_check import unreadable_images
 from simclrv2.distributed import broadcast_object
 from simclrv2.engine import predict, topk_accuracy
 from simclrv2.errors import CheckpointError, ConfigError, DataError
@@ -54,7 +52,7 @@ def prepare_data(cfg: RunConfig, out_dir: Path | None = None, with_unlabeled_spl
             extra = load_dataset(cfg.dataset, "unlabeled", cfg.data_dir, cfg.image_size)
         except DataError:
             pass  # this dataset has no separate unlabeled split
-    check_images([d for d in (train, test, extra) if d is not None], cfg, out_dir)
+    check_images([d for d in (train, test, extra) if d is not None], cfg)
     if cfg.label_fraction == 1.0 and cfg.labels_per_class is None and cfg.subset_file is None:
         labeled, unlabeled = train, None
     else:
@@ -85,75 +83,6 @@ def _require_every_class(labeled: ImageDataset, source: str) -> None:
 
 # ------------------------------------------------------------------ checking image folders up front
 
-IMAGE_CHECK_FILE = "image_check.json"  # in the stage directory: the result, reused on --resume
-_PARALLEL_FROM = 512  # images; fewer are checked in this process
-
-
-class _Probe(torch.utils.data.Dataset):
-    """Decodes image i exactly as training will; returns '' or the one-line reason it cannot."""
-
-    def __init__(self, ds: ImageFolderDataset):
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> str:
-        from simclrv2.data.sources import decode_image
-
-        try:
-            decode_image(self.ds.path(i), self.ds.image_size)
-            return ""
-        except Exception as e:  # noqa: BLE001 - any failure makes the image unreadable
-            text = " ".join(str(e).split()) or type(e).__name__
-            return text if isinstance(e, DataError) else f"cannot decode image {self.ds.path(i)}: {type(e).__name__}: {text}"
-
-
-def _fingerprint(ds: ImageFolderDataset) -> str:
-    h = hashlib.sha256(f"{ds.root}\0{ds.split}\0{ds.image_size}".encode())
-    for i, name in enumerate(ds.ids):
-        try:
-            st = os.stat(ds.path(i))
-            h.update(f"\0{name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-        except OSError:
-            h.update(f"\0{name}\0missing".encode())
-    return h.hexdigest()
-
-
-def _unreadable(ds: ImageFolderDataset, workers: int) -> list[tuple[int, str]]:
-    probe = _Probe(ds)
-    if workers > 0 and len(ds) >= _PARALLEL_FROM:
-        loader = torch.utils.data.DataLoader(probe, batch_size=64, num_workers=workers, collate_fn=list)
-        reasons = [r for batch in loader for r in batch]
-    else:
-        reasons = [probe[i] for i in range(len(ds))]
-    return [(i, r) for i, r in enumerate(reasons) if r]
-
-
-def _checked(ds: ImageFolderDataset, workers: int, out_dir: Path | None) -> list[tuple[str, str]]:
-    """(id, reason) of the unreadable images of ``ds``, from OUT/image_check.json when the folder
-    is unchanged since (same files, sizes and modification times), else by decoding every image."""
-    cache = Path(out_dir) / IMAGE_CHECK_FILE if out_dir is not None else None
-    key = _fingerprint(ds)
-    entries: dict[str, Any] = {}
-    if cache is not None and cache.exists():
-        try:
-            entries = json.loads(cache.read_text())
-            hit = entries.get(key)
-            if isinstance(hit, dict) and isinstance(hit.get("unreadable"), list):
-                return [(str(i), str(r)) for i, r in hit["unreadable"]]
-        except (OSError, ValueError, TypeError, AttributeError):
-            entries = {}
-    if not isinstance(entries, dict):
-        entries = {}
-    log.info(f"checking the {len(ds)} images of {ds.root} {ds.split} ...")
-    bad = [(ds.ids[i], r) for i, r in _unreadable(ds, workers)]
-    if cache is not None:
-        entries[key] = {"root": ds.root, "split": ds.split, "images": len(ds), "unreadable": bad}
-        ckpt.atomic_write_text(cache, json.dumps(entries, indent=1) + "\n")
-    return bad
-
-
 def _drop(ds: ImageFolderDataset, ids: set[str]) -> None:
     keep = [i for i, name in enumerate(ds.ids) if name not in ids]
     if not keep:
@@ -168,28 +97,21 @@ def _drop(ds: ImageFolderDataset, ids: set[str]) -> None:
                             f"after skipping {len(ids)} unreadable ones")
 
 
-def check_images(datasets: list[ImageDataset], cfg: RunConfig, out_dir: Path | None) -> None:
-    """Decode every image of the on-disk image folders among ``datasets`` before training, so that
-    no DataLoader worker meets a bad file hours later. Unreadable files stop the stage with a
+def check_images(datasets: list[ImageDataset], cfg: RunConfig) -> None:
+    """Decode every image of the on-disk image folders among ``datasets`` before training
+    (:mod:`simclrv2.data.image_check`: sharded over processes, cached per file), so that no
+    DataLoader worker meets a bad file hours later. Unreadable files stop the stage with a
     DataError naming the first one, or with ``cfg.skip_bad_images`` are dropped (count and first
-    names logged). In-memory datasets need no check. Under torchrun rank 0 checks and tells the others."""
-    import torch.distributed as dist
-
+    names logged). In-memory datasets need no check."""
     folders = [d for d in datasets if isinstance(d, ImageFolderDataset)]
     if not folders:
         return
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    results: list[Any] = [None]
-    if not distributed or dist.get_rank() == 0:
-        try:
-            results = [[_checked(d, cfg.workers, out_dir) for d in folders]]
-        except DataError as e:
-            results = [e]
-    if distributed:
-        dist.broadcast_object_list(results, src=0)
-    if isinstance(results[0], Exception):
-        raise results[0]
-    for ds, bad in zip(folders, results[0]):
+    if not cfg.check_images:
+        log.warning("image check skipped (--no-check-images): an unreadable image will stop training "
+                    "when a data loader meets it")
+        return
+    for ds in folders:
+        bad, _ = unreadable_images(ds, cfg.workers)
         if not bad:
             continue
         if not cfg.skip_bad_images:
@@ -238,8 +160,10 @@ def check_compatible(meta: dict[str, Any], data: Data, source: str | Path) -> No
         raise CheckpointError(f"{source}: the classifier has {n} classes; expected {len(data.classes)} for this dataset")
 
 
-def evaluate_classifier(model: nn.Module, data: ImageDataset, rt: Runtime, image_size: int, batch_size: int = 500) -> dict[str, float]:
-    logits, labels = predict(model.to(rt.device), data, rt, EvalTransform(image_size), batch_size)
+def evaluate_classifier(model: nn.Module, data: ImageDataset, rt: Runtime, image_size: int, batch_size: int = 500,
+                        workers: int = 0) -> dict[str, float]:
+    """Top-1 / top-5 on ``data``; under torchrun every process evaluates its share (call it on all)."""
+    logits, labels = predict(model.to(rt.device), data, rt, EvalTransform(image_size), batch_size, workers=workers)
     return topk_accuracy(logits, labels)
 
 

@@ -118,24 +118,27 @@ class ContrastiveTask(Task):
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
-        if not (cfg.knn_every and epoch % max(1, int(cfg.knn_every)) == 0 and self.rt.is_main):
+        if not (cfg.knn_every and epoch % max(1, int(cfg.knn_every)) == 0):
             return {}
-        return {"knn": knn_eval(self.model.encoder, self.data, self.rt, cfg.knn_k, cfg.knn_train_size, cfg.eval_batch_size)}
+        return {"knn": knn_eval(self.model.encoder, self.data, self.rt, cfg.knn_k, cfg.knn_train_size, cfg.eval_batch_size,
+                                cfg.workers)}
 
 
-def knn_eval(encoder, data: Data, rt: Runtime, k: int = 200, train_size: int = 10000, batch_size: int = 500) -> float:
+def knn_eval(encoder, data: Data, rt: Runtime, k: int = 200, train_size: int = 10000, batch_size: int = 500,
+             workers: int = 0) -> float:
     """kNN top-1 on the test split, neighbours from (a fixed subsample of) the labelled training split.
 
     A monitor of representation quality: it uses the training split's labels, which the
-    semi-supervised stages never see.
+    semi-supervised stages never see. Under torchrun every process embeds its share of the images
+    (call it on all processes); each gets the same result.
     """
     from simclrv2.data import subset
 
     n = len(data.train)
     idx = np.sort(np.random.default_rng(0).permutation(n)[: min(n, train_size)])
     transform = EvalTransform(data.image_size)
-    tr, ytr = predict(encoder, subset(data.train, idx), rt, transform, batch_size)
-    te, yte = predict(encoder, data.test, rt, transform, batch_size)
+    tr, ytr = predict(encoder, subset(data.train, idx), rt, transform, batch_size, workers=workers)
+    te, yte = predict(encoder, data.test, rt, transform, batch_size, workers=workers)
     return knn_accuracy(tr, ytr, te, yte, k=k, num_classes=len(data.classes))
 
 
@@ -158,8 +161,8 @@ def pretrain(cfg: PretrainConfig, rt: Runtime | None = None) -> dict[str, Any]:
     meta = {"model": spec, "classes": data.classes, "dataset": cfg.dataset, "image_size": data.image_size}
     fitted = fit(task, cfg, rt, data.all_images(), out, "pretrain", meta)
     knn = fitted.history[-1].get("knn") if fitted.history else None  # the last epoch's, when fit evaluated it
-    if knn is None and rt.is_main:
-        knn = knn_eval(model.encoder, data, rt, cfg.knn_k, cfg.knn_train_size, cfg.eval_batch_size)
+    if knn is None:
+        knn = knn_eval(model.encoder, data, rt, cfg.knn_k, cfg.knn_train_size, cfg.eval_batch_size, cfg.workers)
     result = {"stage": "pretrain", "knn": knn, "params": count_params(model), "seconds": fitted.seconds,
               "final_loss": fitted.history[-1]["loss"] if fitted.history else None}
     finish(out, rt, result)
