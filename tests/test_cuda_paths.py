@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from simclrv2 import cli, distributed, runtime
+from simclrv2 import cli, distributed
 from simclrv2.errors import ConfigError
 from simclrv2.models import build_model, model_spec
 from simclrv2.runtime import Runtime, init_runtime
@@ -195,3 +195,15 @@ def test_sync_batchnorm_conversion_and_ddp_device_ids(clean_env):
     assert all(isinstance(m, distributed.GlobalBatchNorm) for m in cpu_model.modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm))
     assert wrapped[1][1] is None
+
+
+def test_a_torch_older_than_the_floor_is_a_one_line_error():
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.__version__ = '2.2.1+cu121'\n"
+            "from simclrv2.cli import main; raise SystemExit(main(['presets']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("simclrv2: error: simclrv2 needs torch >= 2.3, found 2.2.1+cu121; "
+                                   "upgrade torch (pip install --upgrade torch)")

@@ -238,7 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, bad arguments (already printed on one line)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    from simclrv2.runtime import setup_logging
+    try:
+        from simclrv2.runtime import setup_logging
+    except ImportError as e:  # e.g. a torch older than the floor
+        print(f"simclrv2: error: {one_line(e)}", file=sys.stderr)
+        return 2
 
     setup_logging(-1 if args.quiet else 1 if args.verbose else 0)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,6 +16,13 @@ import torch.distributed as dist
 from simclrv2.errors import ConfigError
 
 log = logging.getLogger("simclrv2")
+
+# The oldest torch whose APIs we use (torch.amp.GradScaler(device) is the newest of them: 2.3); CI runs 2.13.
+TORCH_FLOOR = (2, 3)
+_found = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+if _found < TORCH_FLOOR:
+    raise ImportError(f"simclrv2 needs torch >= {'.'.join(map(str, TORCH_FLOOR))}, found {torch.__version__}; "
+                      "upgrade torch (pip install --upgrade torch)")
 
 
 def setup_logging(verbosity: int = 0) -> None:
