@@ -1,4 +1,4 @@
-"""Tests of the batched augmentations (SPEC §5): parameter distributions, semantics, determinism."""
+"""Tests of the batched augmentations (docs/method.md §5): parameter distributions, semantics, determinism."""
 
 from __future__ import annotations
 

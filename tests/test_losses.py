@@ -8,7 +8,7 @@ from simclrv2.losses import DistillationLoss, NTXentLoss
 
 
 def brute_force_ntxent(z_a, z_b, tau, queue=None):
-    """SPEC §3 written as a double loop in float64."""
+    """docs/method.md §3 written as a double loop in float64."""
     z = torch.cat([z_a, z_b]).double()
     z = z / z.norm(dim=1, keepdim=True)
     q = None if queue is None else queue.double() / queue.double().norm(dim=1, keepdim=True)

@@ -5,7 +5,7 @@ from simclrv2.errors import ConfigError
 from simclrv2.models import Classifier, SimCLRModel, build_resnet
 from simclrv2.models.head import BatchNorm1dNoShift
 
-# SPEC §1 table: encoder parameters in millions, as printed (rounded to whole millions) in the paper.
+# docs/method.md §1 table: encoder parameters in millions, as printed (rounded to whole millions) in the paper.
 PAPER_PARAMS = {
     (50, 1, False): 24, (50, 1, True): 35, (50, 2, False): 94, (50, 2, True): 140,
     (101, 1, False): 43, (101, 1, True): 65, (101, 2, False): 170, (101, 2, True): 257,

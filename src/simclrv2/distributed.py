@@ -153,7 +153,7 @@ def wrap_model(model: nn.Module, rt: Runtime, sync_bn: bool = True, compile: boo
     with ``compile`` the result is wrapped in ``torch.compile`` (after DDP, as PyTorch's DDP +
     compile notes recommend: DDP's optimizer then splits the graph at its gradient buckets).
 
-    With ``sync_bn`` BatchNorm statistics are global across processes (SPEC §3, "global BN"):
+    With ``sync_bn`` BatchNorm statistics are global across processes (docs/method.md §3, "global BN"):
     the BN modules of ``model`` are replaced in place, so ``model`` and its copies made
     afterwards (e.g. an EMA) use them too.
     """

@@ -1,4 +1,4 @@
-"""Losses of the SimCLRv2 recipe: NT-Xent (SPEC §3) and distillation (SPEC §6)."""
+"""Losses of the SimCLRv2 recipe: NT-Xent (docs/method.md §3) and distillation (docs/method.md §6)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 class NTXentLoss(nn.Module):
-    """Normalised temperature-scaled cross entropy of SimCLR (SPEC §3).
+    """Normalised temperature-scaled cross entropy of SimCLR (docs/method.md §3).
 
     ``loss(z_a, z_b, extra_negatives=None)`` with ``z_a``, ``z_b``: [N, d], the projections of the
     two views of the same N images (row i of each is a positive pair). With u = z/||z||,
@@ -93,7 +93,7 @@ class NTXentLoss(nn.Module):
 
 
 class DistillationLoss(nn.Module):
-    """Distillation with temperature τ and an optional mix with the true labels (SPEC §6).
+    """Distillation with temperature τ and an optional mix with the true labels (docs/method.md §6).
 
     ``loss(student_logits, teacher_logits, labels=None)``; logits [N, C], labels [N] int (-1 = unlabeled).
 

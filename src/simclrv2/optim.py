@@ -1,4 +1,4 @@
-"""LARS and the learning-rate schedule (SPEC §4), following the official tf2/lars_optimizer.py."""
+"""LARS and the learning-rate schedule (docs/method.md §4), following the official tf2/lars_optimizer.py."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def scale_lr(base_lr: float, batch_size: int, scaling: str) -> float:
-    """'linear': base·B/256; 'sqrt': base·√B (SPEC §4: 0.1·√B for pretraining); 'none': base."""
+    """'linear': base·B/256; 'sqrt': base·√B (docs/method.md §4: 0.1·√B for pretraining); 'none': base."""
     if scaling == "linear":
         return base_lr * batch_size / 256
     if scaling == "sqrt":

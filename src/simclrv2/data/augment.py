@@ -1,4 +1,4 @@
-"""Batched SimCLR augmentations that run on the device holding the images (SPEC §5).
+"""Batched SimCLR augmentations that run on the device holding the images (docs/method.md §5).
 
 Every transform takes a whole batch ``[B, C, H, W]`` (``uint8`` in 0..255 or floating point
 in [0, 1], ``C`` = 1 or 3) and returns ``float32`` ``[B, C, S, S]`` in [0, 1] on the same
@@ -420,7 +420,7 @@ def _gaussian_blur(x: Tensor, mask: Tensor, sigma: Tensor, ksize: int) -> Tensor
 
 
 class PretrainAugment(torch.nn.Module):
-    """SimCLR pretraining view: crop, flip, colour jitter, grayscale, optional blur (SPEC §5).
+    """SimCLR pretraining view: crop, flip, colour jitter, grayscale, optional blur (docs/method.md §5).
 
     ``forward(images, generator=None)``: ``images`` uint8 ``[B, C, H, W]`` or float in [0, 1]
     (C = 1 or 3); returns float32 ``[B, C, image_size, image_size]`` in [0, 1] on the images'
@@ -568,7 +568,7 @@ class PretrainAugment(torch.nn.Module):
 
 
 class FinetuneAugment(torch.nn.Module):
-    """Fine-tuning / distillation view: random (resized) crop + horizontal flip only (SPEC §5).
+    """Fine-tuning / distillation view: random (resized) crop + horizontal flip only (docs/method.md §5).
 
     With ``pad_crop > 0``: zero-pad by ``pad_crop`` pixels on each side, take a random
     ``image_size`` crop (exact pixel values, CIFAR style) and flip; the padded image must be at
@@ -644,7 +644,7 @@ class FinetuneAugment(torch.nn.Module):
 
 
 class EvalTransform(torch.nn.Module):
-    """Evaluation view: centre crop keeping ``crop_fraction`` of the side, then resize (SPEC §5).
+    """Evaluation view: centre crop keeping ``crop_fraction`` of the side, then resize (docs/method.md §5).
 
     The crop is the central square of side ``round(crop_fraction * min(H, W))`` (offsets
     ``(H - side + 1) // 2`` as the official code), resized to ``image_size`` (bilinear,

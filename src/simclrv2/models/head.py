@@ -1,4 +1,4 @@
-"""Projection head, pretraining model and fine-tuning classifier (SPEC §2).
+"""Projection head, pretraining model and fine-tuning classifier (docs/method.md §2).
 
 Head layer j: Linear (no bias) -> BN. Hidden layers keep the input width, use a BN shift and a
 ReLU; the last layer outputs ``out_dim`` (128) through a BN with a scale but no shift.

@@ -1,4 +1,4 @@
-"""ResNet encoders of SimCLRv2 (SPEC §1), with torchvision's module names.
+"""ResNet encoders of SimCLRv2 (docs/method.md §1), with torchvision's module names.
 
 One configurable class, :class:`ResNet`, covers every variant: basic or bottleneck blocks, any
 width multiplier (fractional too), selective kernels (SK) with the ResNet-D stem and
@@ -37,7 +37,7 @@ from torch import nn
 
 from simclrv2.errors import ConfigError
 
-# SPEC §1: TF momentum 0.9 == PyTorch momentum 0.1.
+# docs/method.md §1: TF momentum 0.9 == PyTorch momentum 0.1.
 BN_MOMENTUM = 0.1
 BN_EPS = 1e-5
 SK_RATIO = 0.0625
@@ -64,7 +64,7 @@ def scaled(channels: int, width: float) -> int:
 
 
 class SelectiveKernel(nn.Module):
-    """SK convolution (SPEC §1): two 3x3 branches from one conv, mixed by a softmax attention.
+    """SK convolution (docs/method.md §1): two 3x3 branches from one conv, mixed by a softmax attention.
 
     x -> conv3x3(2C) -> BN -> ReLU -> split in 2 -> attention from the pooled sum -> weighted sum (C).
     """
@@ -180,7 +180,7 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """Post-activation bottleneck, stride on the 3x3 conv (SPEC §1); the 3x3 becomes SK when enabled."""
+    """Post-activation bottleneck, stride on the 3x3 conv (docs/method.md §1); the 3x3 becomes SK when enabled."""
 
     expansion = 4
 

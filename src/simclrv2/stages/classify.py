@@ -1,7 +1,7 @@
 """Stages that train a classifier: fine-tune, supervised baseline, linear evaluation, distillation.
 
 They share one task: a crop + flip view -> classifier -> cross-entropy on the labels, or the
-distillation loss against a fixed teacher that sees the same view (SPEC §4-§6).
+distillation loss against a fixed teacher that sees the same view (docs/method.md §4-§6).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage 1: task-agnostic contrastive pretraining (SimCLRv2, SPEC §2-§5)."""
+"""Stage 1: task-agnostic contrastive pretraining (SimCLRv2, docs/method.md §2-§5)."""
 
 from __future__ import annotations
 
