@@ -556,7 +556,7 @@ def test_results_do_not_depend_on_workers_interruption_or_global_rng(tmp_path, m
     (["pretrain", "--memory-size", "-5"], "--memory-size must be between 0 (off) and"),
     (["pretrain", "--head-layers", "9"], "--head-layers 9 is not supported"),
     (["pretrain", "--image-size", "2"], "--image-size must be between"),
-    (["pretrain", "--precision", "fp64"], "--precision must be auto, bf16 or fp32"),
+    (["pretrain", "--precision", "fp64"], "--precision must be auto, bf16, fp16 or fp32"),
     (["pretrain", "--dataset", "mnist-ish"], "unknown dataset 'mnist-ish'"),
     (["pretrain", "--device", "tpu9"], "--device"),
     (["pretrain", "--batch-size", "4096", "--depth", "18"], "larger than"),
