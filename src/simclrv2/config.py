@@ -33,6 +33,7 @@ class RunConfig:
     precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp32
     channels_last: bool = False
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute the encoder's blocks in backward: less memory, ~1/3 more compute
     workers: int = 2  # decode workers for on-disk image folders
     skip_bad_images: bool = False  # image folders: skip unreadable files (logged) instead of stopping
     resume: bool = False
