@@ -1,7 +1,8 @@
 """Training memory of the ResNet encoders per image, with and without activation checkpointing.
 
 Usage: ``PYTHONPATH=src python bench/activation_memory.py [--json] [--models r50_1x ...] [--image-size 224]``
-(about 3 minutes on a 2-core CPU for all models; ``--quick``: ResNet-50 1x only).
+(about 15 minutes on a shared 2-core CPU for all models, most of it ResNet-152 3x SK; ``--quick``:
+ResNet-50 1x only, seconds).
 
 Method: one training forward + backward of the encoder (loss: mean of the features squared) on
 random 224 px images, on the CPU, fp32 or under bf16 autocast, with activation checkpointing off,
