@@ -56,6 +56,9 @@ def stage_configs(out: Path, start: Path) -> list[tuple[str, str, dict]]:
     return [
         ("pretrain", "pretrain", dict(pre, out=str(out / "pretrain"))),
         ("pretrain_memory", "pretrain", dict(pre, out=str(out / "pretrain_memory"), memory_size=80, memory_decay=0.9)),
+        # activation checkpointing: global BN runs (and all-gathers) again in the recomputation; compared
+        # with the one-process run of "pretrain", without checkpointing (REFERENCE in test_distributed.py)
+        ("pretrain_checkpointed", "pretrain", dict(pre, out=str(out / "pretrain_checkpointed"), activation_checkpointing=True)),
         ("finetune", "finetune", dict(DIGITS, out=str(out / "finetune"), pretrained=str(start / "pretrained"),
                                       batch_size=32, epochs=_epochs(144, 32), lr=0.05)),
         ("distill", "distill", dict(DIGITS, out=str(out / "distill"), teacher=str(start / "teacher"),
@@ -63,13 +66,15 @@ def stage_configs(out: Path, start: Path) -> list[tuple[str, str, dict]]:
     ]
 
 
-def run_stages(out: Path, start: Path) -> None:
-    """Each stage; every process saves the result its call returned (OUT/<name>/returned.<rank>.json)."""
+def run_stages(out: Path, start: Path, skip: tuple[str, ...] = ()) -> None:
+    """Each stage (but ``skip``); every process saves the result its call returned (OUT/<name>/returned.<rank>.json)."""
     from simclrv2 import stages
     from simclrv2.config import make_config
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for name, stage, options in stage_configs(out, start):
+        if name in skip:
+            continue
         result = getattr(stages, stage)(make_config(stage, **options))
         (out / name / f"returned.{rank}.json").write_text(json.dumps(result))
 

@@ -34,6 +34,7 @@ class RunConfig:
     tf32: bool | None = None  # CUDA: TF32 matmuls/convolutions; None = on unless precision is fp32
     channels_last: bool = False
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute the encoder's blocks in backward: less memory, ~1/3 more compute
     workers: int = 2  # decode workers for on-disk image folders
     skip_bad_images: bool = False  # image folders: skip unreadable files (logged) instead of stopping
     check_images: bool = True  # image folders: decode every image before training (cached per file)

@@ -2,7 +2,9 @@
 
 from simclrv2.models.factory import build_model, count_params, model_spec
 from simclrv2.models.head import Classifier, ProjectionHead, SimCLRModel
-from simclrv2.models.resnet import ResNet, build_resnet, resnet18, resnet50, resnet101, resnet152
+from simclrv2.models.resnet import (
+    ResNet, build_resnet, resnet18, resnet50, resnet101, resnet152, set_activation_checkpointing,
+)
 
 __all__ = [
     "Classifier",
@@ -17,4 +19,5 @@ __all__ = [
     "resnet50",
     "resnet101",
     "resnet152",
+    "set_activation_checkpointing",
 ]

@@ -24,6 +24,11 @@ Padding is TF's, so that imported official checkpoints compute the same function
   only); the stride-1 projection of the first block pools 2x2/1 'SAME', i.e. pads bottom/right by one
   and excludes the padding from the average (:class:`AvgPool2dSame`), where an identity would differ.
 
+Activation checkpointing (:func:`set_activation_checkpointing`) trades compute for memory at large
+batches: the stem and every residual block (or every stage) keep only their input for the backward
+pass and run their forward again there. It is a training-time switch, not part of the model: the
+module structure, ``state_dict`` and checkpoints are the same with and without it.
+
 One structural difference remains, outside the released checkpoints (all bottleneck ResNets): TF's
 block groups always open with a projection shortcut, also for the basic-block ResNet-18/34 whose first
 group keeps its channel count; ours uses the identity there, as torchvision does.
@@ -31,9 +36,14 @@ group keeps its channel count; ours uses the identity there, as torchvision does
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 from simclrv2.errors import ConfigError
 
@@ -269,16 +279,112 @@ class ResNet(nn.Module):
                 channels = width * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
         self.out_dim = channels
+        # activation checkpointing: None (off), "stage" or "block" (set_activation_checkpointing); a plain
+        # attribute, neither a parameter nor a buffer, so the state_dict does not depend on it
+        self.checkpointing: str | None = None
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x) if self.conv1 is not None else self.stem(x)
-        x = self.maxpool(F.relu(self.bn1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.maxpool(F.relu(self.bn1(x)))
+
+    def segments(self) -> list[tuple[callable, list[nn.Module]]]:
+        """The forward as a chain of (function, modules it uses): the stem, then each stage
+        (``checkpointing == "stage"``) or each residual block (otherwise)."""
+        stem_modules = [m for m in (self.conv1, self.stem if self.conv1 is None else None, self.bn1) if m is not None]
+        out = [(self._stem, stem_modules)]
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            out += [(layer, [layer])] if self.checkpointing == "stage" else [(block, [block]) for block in layer]
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            for fn, modules in self.segments():
+                x = recompute_in_backward(fn, x, modules)
+        else:
+            x = self._stem(x)
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return x.mean(dim=(2, 3))
+
+
+CHECKPOINTING = ("stage", "block")
+
+
+class _BatchNormStatisticsFrozen:
+    """Context of a segment's recomputation in backward: its BatchNorms normalise with the batch
+    statistics as in the forward pass, but leave their running statistics as they are.
+
+    The recomputation runs the segment in training mode a second time, which would update every
+    running mean / variance twice per step and count the step twice. Inside this context the BNs
+    have momentum 0, so the update ``(1 - 0)·running + 0·batch`` leaves them bitwise unchanged
+    (no in-place write of ours: the running statistics are saved for backward by ``batch_norm``
+    and must keep their version), and ``num_batches_tracked`` gets back its value on exit.
+    Works for nn.BatchNorm*, nn.SyncBatchNorm and :class:`simclrv2.distributed.GlobalBatchNorm`
+    (all read ``momentum`` per call; ``momentum=None``, the cumulative average, becomes 0 too).
+    The modules are looked up on entry, so BNs converted after the forward (never done) or before
+    it (sync BN) are the ones found."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = modules
+        self.saved: list = []
+
+    def __enter__(self):
+        bns = [m for module in self.modules for m in module.modules() if isinstance(m, _BatchNorm)]
+        self.saved = [(bn, bn.momentum, None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone())
+                      for bn in bns]
+        for bn in bns:
+            bn.momentum = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        # also on the exception that stops a recomputation early (checkpoint's early stop)
+        for bn, momentum, count in self.saved:
+            bn.momentum = momentum
+            if count is not None:
+                bn.num_batches_tracked.copy_(count)
+        self.saved = []
+        return False
+
+
+def _contexts(modules: list[nn.Module]):
+    return contextlib.nullcontext(), _BatchNormStatisticsFrozen(modules)
+
+
+def recompute_in_backward(fn, x: torch.Tensor, modules: list[nn.Module]) -> torch.Tensor:
+    """``fn(x)``, keeping only ``x`` for backward and running ``fn`` again there (non-reentrant
+    ``torch.utils.checkpoint``), with the BatchNorms of ``modules`` updating their running
+    statistics once, in this forward call (:class:`_BatchNormStatisticsFrozen`).
+
+    The recomputation runs under the forward's autocast state (non-reentrant checkpoint restores
+    it). ``preserve_rng_state`` stays on, although not needed: the ResNet draws no random numbers
+    (no dropout); it costs little and keeps a future stochastic-depth correct.
+    """
+    return checkpoint(fn, x, use_reentrant=False, context_fn=functools.partial(_contexts, modules))
+
+
+def set_activation_checkpointing(model: nn.Module, mode: str | bool | None) -> int:
+    """Turn activation checkpointing of every :class:`ResNet` inside ``model`` on or off; returns how many.
+
+    ``mode``: ``"block"`` (or True): the stem and each residual block keep only their input for
+    backward and are recomputed there; ``"stage"``: the stem and each of layer1..layer4;
+    None / False: off. It acts in training mode with gradients enabled only (evaluation and
+    no-grad forwards are unchanged), changes neither the module structure nor the state_dict
+    (checkpoints are the same), and gives the same loss, gradients and BN statistics as without
+    (tests/test_activation_checkpointing.py).
+    """
+    if mode is True:
+        mode = "block"
+    if mode is False:
+        mode = None
+    if mode is not None and mode not in CHECKPOINTING:
+        raise ConfigError(f"activation checkpointing {mode!r} is not supported; expected one of {', '.join(CHECKPOINTING)}")
+    resnets = [m for m in model.modules() if isinstance(m, ResNet)]
+    for m in resnets:
+        m.checkpointing = mode
+    return len(resnets)
 
 
 def build_resnet(

@@ -21,7 +21,7 @@ from simclrv2.distributed import global_count_share, wrap_model
 from simclrv2.engine import Task, batch_rows, fit
 from simclrv2.errors import ConfigError
 from simclrv2.losses import DistillationLoss
-from simclrv2.models import Classifier, build_model, count_params, model_spec
+from simclrv2.models import Classifier, build_model, count_params, model_spec, set_activation_checkpointing
 from simclrv2.runtime import Runtime, init_runtime, log
 from simclrv2.stages.common import (
     check_compatible, evaluate_classifier, finish, load_model, log_result, prepare_data, require, stage_done, to_device,
@@ -33,6 +33,9 @@ class ClassificationTask(Task):
                  teacher: nn.Module | None = None, distill: DistillationLoss | None = None, frozen_encoder: bool = False,
                  adapt_classifier: bool = False):
         self.model, self.cfg, self.rt = model, cfg, rt
+        # the student / classifier only: a teacher runs without gradients (checkpointing would do nothing);
+        # a frozen encoder runs in eval mode, where it does nothing either
+        set_activation_checkpointing(model, cfg.activation_checkpointing)
         self.frozen_encoder = frozen_encoder
         if frozen_encoder:
             model.encoder.requires_grad_(False)

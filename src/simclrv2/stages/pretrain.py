@@ -15,7 +15,7 @@ from simclrv2.data.augment import EvalTransform, PretrainAugment
 from simclrv2.distributed import global_count_share, wrap_model
 from simclrv2.engine import Task, batch_rows, fit, knn_accuracy, predict
 from simclrv2.losses import NTXentLoss, gather_with_grad
-from simclrv2.models import SimCLRModel, build_model, count_params, model_spec
+from simclrv2.models import SimCLRModel, build_model, count_params, model_spec, set_activation_checkpointing
 from simclrv2.runtime import Runtime, init_runtime, log
 from simclrv2.stages.common import Data, finish, log_result, prepare_data, require, stage_done, to_device
 
@@ -25,6 +25,9 @@ class ContrastiveTask(Task):
 
     def __init__(self, model: SimCLRModel, cfg: PretrainConfig, data: Data, rt: Runtime):
         self.model, self.cfg, self.data, self.rt = model, cfg, data, rt
+        # a training-time switch of the encoder (before the EMA copy: that one runs without gradients, where
+        # checkpointing does nothing); the model's structure and state_dict stay the same
+        set_activation_checkpointing(model, cfg.activation_checkpointing)
         self.net = wrap_model(model, rt, cfg.sync_bn, cfg.compile)
         self.augment = PretrainAugment(data.image_size, crop_scale=(cfg.crop_min, 1.0), color_strength=cfg.color_strength,
                                        blur=cfg.blur)
