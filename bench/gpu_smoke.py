@@ -3,7 +3,7 @@
 Usage (on a machine with a GPU; ``PYTHONPATH=src`` when the package is not installed)::
 
     python bench/gpu_smoke.py                      # all sections on cuda (a few minutes; budget 8)
-    python bench/gpu_smoke.py --device cpu --quick --precision fp32  # the same sections on the CPU, tiny
+    python bench/gpu_smoke.py --device cpu --quick   # the same sections on the CPU, tiny
                                                    # (CI: tests/test_gpu_smoke.py)
     python bench/gpu_smoke.py --section sync_bn --section augment_cuda_vs_cpu
 
@@ -298,7 +298,8 @@ def section_activation_checkpointing(ctx: Context) -> str:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.precision == "bf16"):
+            with torch.autocast("cuda", dtype=torch.float16 if ctx.precision == "fp16" else torch.bfloat16,
+                                enabled=ctx.precision in ("bf16", "fp16")):
                 out = model(x)
             out.float().pow(2).mean().backward()
             torch.cuda.synchronize()
@@ -466,8 +467,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions (CPU: well under a minute)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                        help="auto (default): bf16 where the device supports it")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                        help="auto (default): bf16 where the device computes it natively, else fp32; "
+                             "fp16 (with loss scaling) for GPUs without bf16")
     parser.add_argument("--section", action="append", choices=list(SECTIONS), help="only this section (repeatable)")
     parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks of failures, the stages' logs")
     args = parser.parse_args(argv)
