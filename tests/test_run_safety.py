@@ -97,6 +97,10 @@ def test_rerun_without_resume_continues_a_killed_run_and_refuses_other_options(t
     assert steps.n == STEPS and rows(out) == [1, 2, 3]
     assert_same(weights(out / "final.safetensors"), weights(ref / "final.safetensors"))
     assert not (out / ".lock").exists()
+    # a restart that cannot start keeps the run it would have replaced
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert "larger than" in error_line(*run(*args, "--restart", "--batch-size", "1000", "--seed", "5"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_resume_is_an_alias_that_also_accepts_other_options(tmp_path, steps):
