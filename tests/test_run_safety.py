@@ -103,6 +103,25 @@ def test_rerun_without_resume_continues_a_killed_run_and_refuses_other_options(t
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+def test_a_run_killed_in_its_closing_evaluation_keeps_its_result(tmp_path):
+    """Killed after its final checkpoint, before it stored its result (last.* gone too): the rerun
+    evaluates and stores the result an uninterrupted run stores (found by the soak: final_loss was lost)."""
+    out = tmp_path / "pre"
+    args = digits_args("pretrain", out, "--batch-size", "256", "--knn-every", "0", "--knn-train-size", "200", "--no-blur")
+    assert run(*args)[0] == 0
+    tensors, meta = ckpt.load_checkpoint(out / "final.safetensors")
+    result = meta.pop("result")
+    ckpt.save_checkpoint(out / "final", tensors, meta)
+    for name in ("last.safetensors", "last.json"):
+        (out / name).unlink()
+    logged = (out / "metrics.jsonl").read_text()
+    assert run(*args)[0] == 0
+    assert (out / "metrics.jsonl").read_text() == logged  # not trained again (new rows, new timings)
+    again = ckpt.read_meta(out / "final.safetensors")["result"]
+    assert again["final_loss"] is not None
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in result.items() if k != "seconds"}
+
+
 def test_resume_is_an_alias_that_also_accepts_other_options(tmp_path, steps):
     out = tmp_path / "run"
     args = digits_args("supervised", out, "--checkpoint-every", "1")

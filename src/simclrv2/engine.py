@@ -82,6 +82,7 @@ class FitResult:
     steps: int
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    last_row: dict[str, Any] = field(default_factory=dict)  # the last step's logged row, this run's or the resumed one's
 
 
 def step_generator(seed: int, step: int, device: torch.device | None = None) -> torch.Generator:
@@ -358,7 +359,7 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
     seconds = prior_seconds + time.perf_counter() - t0  # all runs of this stage, not only the resumed part
     save("final", total, history[-1] if history else resumed_row)
     rt.barrier()
-    return FitResult(out, total, seconds, history)
+    return FitResult(out, total, seconds, history, history[-1] if history else resumed_row)
 
 
 # ------------------------------------------------------------------ evaluation helpers

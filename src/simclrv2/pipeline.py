@@ -162,7 +162,14 @@ def _run_pipeline(preset_name: str, out: str | Path, dataset: str | None, data_d
         if needs is not None and stage_done(needs) is None:
             raise ConfigError(f"--stages {stage}: needs the finished {NEEDS[stage]} stage in {needs}; "
                               f"run the pipeline with --stages {NEEDS[stage]} first (same --out)")
-        return fn(config)
+        try:
+            return fn(config)
+        except ConfigError as e:
+            if "--restart" not in str(e):
+                raise
+            # a stage directory holding a run with other options: the pipeline's spelling of the stage's flags
+            flags = " or ".join(f"--set {stage}.{f}=true" for f in ("resume", "restart") if f"--{f}" in str(e))
+            raise ConfigError(f"{e} (in a pipeline: {flags})") from None
 
     def add(stage: str, res: dict[str, Any] | None, stage_dir: Path, fraction: float, variant: str | None = None):
         if res is None:

@@ -159,11 +159,13 @@ def _pretrain(cfg: PretrainConfig, rt: Runtime, run: StageRun) -> dict[str, Any]
     task = ContrastiveTask(model, cfg, data, rt)
     meta = {"model": spec, "classes": data.classes, "dataset": cfg.dataset, "image_size": data.image_size}
     fitted = fit(task, cfg, rt, data.all_images(), out, "pretrain", meta, run)
-    knn = fitted.history[-1].get("knn") if fitted.history else None  # the last epoch's, when fit evaluated it
+    # the last epoch's, when fit evaluated it (a run continued from its final checkpoint trained nothing here:
+    # its last row is the resumed checkpoint's)
+    knn = fitted.last_row.get("knn")
     if knn is None and rt.is_main:
         knn = knn_eval(model.encoder, data, rt, cfg.knn_k, cfg.knn_train_size, cfg.eval_batch_size)
     result = {"stage": "pretrain", "knn": knn, "params": count_params(model), "seconds": fitted.seconds,
-              "final_loss": fitted.history[-1]["loss"] if fitted.history else None}
+              "final_loss": fitted.last_row.get("loss")}
     finish(out, rt, result)
     log_result("pretrain", result)
     return result
