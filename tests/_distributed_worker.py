@@ -10,7 +10,7 @@
 2. The stages of :func:`stage_configs` (the same configs the test runs in one process) with
    outputs in OUT/<name>.
 3. The memory-queue pretraining again, interrupted after its 2nd step (checkpoint at step 2) and
-   resumed with --resume: OUT/pretrain_resumed.
+   continued by running it again (as a torchrun restart does): OUT/pretrain_resumed.
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ def interrupted_then_resumed(out: Path, start: Path) -> None:
     finally:
         ContrastiveTask.after_step = original
     torch.distributed.barrier()
-    pretrain(make_config("pretrain", **options, resume=True))
+    # run again as a torchrun restart would (the same command, no --resume): rank 0 finds the interrupted run
+    # in OUT and every rank continues it
+    pretrain(make_config("pretrain", **options))
 
 
 def bn_check(rank: int, world: int) -> dict[str, float]:

@@ -15,6 +15,8 @@ import logging
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -240,7 +242,7 @@ def test_json_beside_may_lag_resume_reads_the_safetensors_header(tmp_path, monke
     monkeypatch.setattr(classify.ClassificationTask, "after_step", interrupt)
     rc, text = run(*digits_args("supervised", out, "--checkpoint-every", "1"))
     monkeypatch.undo()
-    assert rc == 130 and "--resume" in text and "step 2" in text, text
+    assert rc == 130 and "run the same command again" in text and "step 2" in text, text
     # as if killed between the two renames: the .json still describes step 1
     meta = json.loads((out / "last.json").read_text())
     (out / "last.json").write_text(json.dumps(dict(meta, step=1)))
@@ -312,6 +314,8 @@ def test_loading_never_unpickles(models, monkeypatch):
 def test_resume_with_other_options_is_a_one_line_error(tmp_path):
     out = tmp_path / "run"
     assert run(*digits_args("supervised", out))[0] == 0
+    for name in ("final.safetensors", "final.json"):  # as if killed before the end
+        (out / name).unlink()
     line = error_line(*run(*digits_args("supervised", out, "--resume", "--width", "0.125")))
     assert str(out / "last.safetensors") in line and "does not match the expected model" in line
     line = error_line(*run(*digits_args("supervised", out, "--resume", "--epochs", "2")))
@@ -611,6 +615,196 @@ def test_image_check_runs_in_workers_and_is_reused_on_resume(tmp_path, monkeypat
     (out / "final.safetensors").unlink()  # as if killed before the end
     rc, text = run(*folder_args(root, out, "--workers", "2", "--skip-bad-images", "--checkpoint-every", "1", "--resume"))
     assert rc == 0 and "skipping 1 unreadable image(s)" in text and not decoded, text  # the bad file is remembered too
+    (out / "final.safetensors").unlink()  # (a finished run would be reused, not checked again)
     (root / "train" / "a" / "a1.png").touch()  # a changed file is checked again, and only it
     assert run(*folder_args(root, out, "--workers", "2", "--skip-bad-images", "--resume"))[0] == 0
     assert len(decoded) == 1
+
+
+# ------------------------------------------------------------------ soak: random SIGKILL + rerun, every stage and the pipeline
+
+# SIMCLRV2_SOAK=N runs every stage N times, SIGKILLing each launch but the last at a random instant (while
+# starting, at a random step, mid-checkpoint, or after the last step, during the closing evaluation), each
+# launch being the same command (a rerun continues the run it finds); the last one runs to the end, whose
+# checkpoints, metrics and result must be bit-identical to an uninterrupted run. Unset: 2 launches per stage
+# (one kill), the CI size. The pipeline is soaked the same way with kills at random times.
+# Example: SIMCLRV2_SOAK=20 python3 -m pytest -q tests/test_reliability.py -k soak -s  (prints the kill counts)
+SOAK = int(os.environ.get("SIMCLRV2_SOAK") or 0) or 2
+SOAK_EPOCHS = 1 if SOAK <= 10 else 2  # a run of 11 steps per epoch: room for N kills at about one step apart
+SOAK_STEPS = 11 * SOAK_EPOCHS  # every case: 1437 images / 128, or 721 labeled (50%) / 64
+SOAK_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+_SOAK_NET = ["--dataset", "digits", "--precision", "fp32", "--epochs", str(SOAK_EPOCHS), "--checkpoint-every", "1",
+             "--log-every", "1"]
+_MODEL = ["--depth", "18", "--width", "0.0625"]
+
+
+def soak_cases(inputs: Path) -> dict[str, list[str]]:
+    pretrained = _write_model(inputs / "pretrained" / "final", "simclr")
+    teacher = _write_model(inputs / "teacher" / "final", "classifier")
+    labeled = ["--label-fraction", "0.5", "--batch-size", "64"]
+    return {
+        "pretrain": ["pretrain", *_SOAK_NET, *_MODEL, "--batch-size", "128", "--temperature", "0.5", "--no-blur",
+                     "--memory-size", "300", "--memory-decay", "0.9", "--knn-every", "0", "--knn-train-size", "300"],
+        "supervised": ["supervised", *_SOAK_NET, *_MODEL, *labeled],
+        "finetune": ["finetune", *_SOAK_NET, *labeled, "--pretrained", str(pretrained)],
+        "linear-eval": ["linear-eval", *_SOAK_NET, *labeled, "--pretrained", str(pretrained)],
+        "distill": ["distill", *_SOAK_NET, *_MODEL, "--batch-size", "128", "--teacher", str(teacher)],
+    }
+
+
+def _launch(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "simclrv2", "-q", *args], env=SOAK_ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _fresh_rows(out: Path, since_ns: int) -> list[dict]:
+    """metrics.jsonl rows, once this launch has (re)written the file (before, they are the killed run's)."""
+    f = out / "metrics.jsonl"
+    try:
+        if f.stat().st_mtime_ns < since_ns:
+            return []
+        lines = f.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    found = []
+    for line in lines:
+        try:
+            found.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return found
+
+
+def _kill_when(p: subprocess.Popen, ready, delay: float) -> bool:
+    """SIGKILL ``p`` ``delay`` seconds after ``ready()``; False if it ended first (then it must have succeeded)."""
+    deadline = time.monotonic() + 600
+    while not ready():
+        if p.poll() is not None:
+            break
+        assert time.monotonic() < deadline, "stalled"
+        time.sleep(0.005)
+    time.sleep(delay)
+    if p.poll() is None:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(60)
+        return True
+    assert p.returncode == 0, p.stderr.read()
+    return False
+
+
+def _loadable(out: Path) -> None:
+    """After a kill: every checkpoint in OUT loads whole (a hidden temporary file may be left)."""
+    for f in out.glob("*.safetensors"):
+        ckpt.load_checkpoint(f)
+
+
+def _finished(d: Path) -> bool:
+    try:
+        meta = ckpt.read_meta(d / "final.safetensors")
+    except CheckpointError:
+        return False
+    return bool(meta.get("complete") and "result" in meta)
+
+
+def soak(args: list[str], out: Path, rounds: int, rng: random.Random, plan: list[tuple[str, int]]) -> int:
+    """Launch ``args --out out`` up to ``rounds`` times, SIGKILLing all but the last at a random instant;
+    returns the kills. ``plan``: the run's stage directories (relative to OUT, in order) and their steps."""
+    kills = 0
+    for r in range(rounds):
+        since = time.time_ns()
+        p = _launch([*args, "--out", str(out)])
+        try:
+            if r == rounds - 1:
+                assert p.wait(900) == 0, p.stderr.read()
+                break
+            # the steps still to run, of every stage not finished yet
+            todo = [(d, s) for d, total in plan if not _finished(out / d)
+                    for s in range((ckpt.step_of(out / d / "last.safetensors") or 0) + 1, total + 1)]
+            where = rng.random()
+            if where < 0.15 or not todo:  # while starting (imports, data, model, resume) or closing (report)
+                killed = _kill_when(p, lambda: True, rng.uniform(0.3, 6.0))
+            else:  # at a step soon to run (mid-step or mid-checkpoint), or after a stage's last (its closing evaluation)
+                d, step = todo[min(len(todo) - 1, int(rng.expovariate(1.0)))]  # mostly the next step or the one after
+                if where < 0.22:  # the end of the stage running now
+                    step = dict(plan)[d]
+                delay = rng.uniform(0.0, 0.5) if step == dict(plan)[d] else rng.uniform(0.0, 0.03)
+                killed = _kill_when(p, lambda: any(x.get("step", 0) >= step for x in _fresh_rows(out / d, since)), delay)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if not killed:
+            break  # it finished before its kill: nothing left to interrupt
+        kills += 1
+        for d, _ in plan:
+            _loadable(out / d)
+    return kills
+
+
+def check_same_run(ref: Path, out: Path, what: str) -> None:
+    """The soaked run ended exactly as the uninterrupted one: checkpoints, metrics, result."""
+    for name in ("final.safetensors", "last.safetensors"):
+        a, b = ckpt.load_checkpoint(ref / name)[0], ckpt.load_checkpoint(out / name)[0]
+        assert a.keys() == b.keys(), (what, name)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (what, name, k)
+    ra = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rb] == [x["step"] for x in ra] == list(range(1, len(ra) + 1)), what
+    assert [x["loss"] for x in rb] == [x["loss"] for x in ra], what
+    res_a = ckpt.read_meta(ref / "final.safetensors")["result"]
+    res_b = ckpt.read_meta(out / "final.safetensors")["result"]
+    assert {k: v for k, v in res_a.items() if k != "seconds"} == {k: v for k, v in res_b.items() if k != "seconds"}, what
+    assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists(), what
+
+
+def test_soak_random_sigkill_and_rerun_every_stage(tmp_path):
+    import threading
+
+    cases = soak_cases(tmp_path / "inputs")
+    kills: dict[str, int] = {}
+    errors: dict[str, BaseException] = {}
+
+    def victim(name: str) -> None:
+        try:
+            rng = random.Random(f"soak/{name}/{SOAK}")
+            kills[name] = soak(cases[name], tmp_path / name / "soaked", SOAK, rng, [(".", SOAK_STEPS)])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors[name] = e
+
+    threads = [threading.Thread(target=victim, args=(name,), daemon=True) for name in cases]
+    for t in threads:
+        t.start()
+    for name, args in cases.items():  # the uninterrupted references, meanwhile
+        rc, text = run(*args, "--out", str(tmp_path / name / "reference"))
+        assert rc == 0, (name, text)
+    for t in threads:
+        t.join(3600)
+    assert not errors, errors
+    for name in cases:
+        check_same_run(tmp_path / name / "reference", tmp_path / name / "soaked", name)
+    print(f"\nsoak ({SOAK} launches per stage, {SOAK_STEPS} steps): SIGKILLs survived, bit-identical ends: {kills}")
+    assert sum(kills.values()) >= len(cases) * (SOAK - 1) // 2  # most launches were interrupted, not finished first
+
+
+def test_soak_random_sigkill_and_rerun_the_pipeline(tmp_path):
+    args = ["pipeline", "--preset", "tiny", "--set", "pretrain.epochs=1", "--set", "supervised.epochs=2",
+            "--set", "finetune.epochs=2", "--set", "linear_eval.epochs=1", "--set", "distill.epochs=0.3",
+            "--set", "checkpoint_every=1"]
+    ref = tmp_path / "reference"
+    rc, text = run(*args, "--out", str(ref))
+    assert rc == 0, text
+    order = ["pretrain", "labels_0.1/supervised", "labels_0.1/linear_eval", "labels_0.1/finetune",
+             "labels_0.1/distill_self", "labels_0.1/distill_small"]
+    stage_dirs = sorted(str(p.parent.relative_to(ref)) for p in ref.rglob("final.safetensors"))
+    assert stage_dirs == sorted(order)
+    plan = [(d, ckpt.read_meta(ref / d / "final.safetensors")["total_steps"]) for d in order]
+    out = tmp_path / "soaked"
+    kills = soak(args, out, SOAK, random.Random(f"soak/pipeline/{SOAK}"), plan)
+    a = json.loads((ref / "report.json").read_text())["results"]
+    b = json.loads((out / "report.json").read_text())["results"]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in a] == [{k: v for k, v in r.items() if k != "seconds"} for r in b]
+    for d in stage_dirs:
+        check_same_run(ref / d, out / d, str(d))
+    print(f"\nsoak ({SOAK} launches): pipeline SIGKILLs survived, bit-identical end: {kills}")
+    assert kills >= (SOAK - 1) // 2

@@ -16,8 +16,10 @@ checked in Python before safetensors sees the file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -48,7 +50,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically; an OSError (disk full, ...) names ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    except OSError as e:  # name the file the user knows, not the hidden temporary one
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
@@ -208,9 +213,27 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return _parse_meta(p, _read_header(p))
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+_allow_unverified = False
+
+
+@contextlib.contextmanager
+def unverified_allowed(allow: bool = True):
+    """Within this block :func:`load_checkpoint` loads checkpoints without a checksum (with a
+    warning naming the file) instead of refusing them (``--allow-unverified``)."""
+    global _allow_unverified
+    saved = _allow_unverified
+    _allow_unverified = bool(allow) or saved
+    try:
+        yield
+    finally:
+        _allow_unverified = saved
+
+
+def load_checkpoint(path: str | Path, allow_unverified: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, metadata) of a checkpoint; a clear CheckpointError for anything unreadable.
 
+    A checkpoint without a checksum (removed, or written by another tool) is refused unless
+    ``allow_unverified`` (default: inside :func:`unverified_allowed`), then loaded with a warning.
     Never executes code from the file (safetensors + JSON only)."""
     p = resolve(path)
     raw_meta = _read_header(p)
@@ -224,7 +247,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raise
         raise CheckpointError(f"{p}: truncated or corrupted checkpoint ({_short(e)})") from None
     digest = raw_meta.get(DIGEST_KEY)
-    if digest is not None and digest != content_digest(raw_meta[META_KEY], tensors):
+    if digest is None:
+        if not (_allow_unverified if allow_unverified is None else allow_unverified):
+            raise CheckpointError(f"{p}: the checkpoint has no checksum, so its contents cannot be verified (removed, or "
+                                  "written by another tool); pass --allow-unverified to load it anyway")
+        logging.getLogger("simclrv2").warning(f"{p}: loading an unverified checkpoint (it has no checksum)")
+    elif digest != content_digest(raw_meta[META_KEY], tensors):
         raise CheckpointError(f"{p}: corrupted checkpoint (its contents do not match the checksum in its header)")
     return tensors, meta
 

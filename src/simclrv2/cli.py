@@ -7,6 +7,7 @@ defaults); presets fill in values, explicit options win.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
@@ -25,7 +26,10 @@ HELP = {
     "label_fraction": "fraction of labeled training images per class, e.g. 0.01 or 0.1",
     "labels_per_class": "number of labeled images per class (instead of --label-fraction)",
     "subset_file": "text file of labeled image identifiers, one per line (like ImageNet's 1percent.txt)",
-    "resume": "continue from OUT/last.safetensors on the same schedule",
+    "resume": "continue the interrupted run in OUT even if its options differ from this command's (a run with "
+              "the same options is continued, and a finished one reused, without it)",
+    "restart": "throw away the run in OUT (finished or interrupted) and train from the start",
+    "allow_unverified": "load input checkpoints that have no checksum (a warning names each)",
     "lr": "base learning rate (scaled by --lr-scaling and the batch size)",
     "batch_size": "global batch size (all processes together)",
     "precision": "auto (bf16 where the hardware computes it natively, else fp32) | bf16 | fp16 (CUDA GPUs without "
@@ -99,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default: 500)")
     p.add_argument("--workers", type=int, default=2, help="image-folder decode workers (default: 2)")
+    _allow_unverified_option(p)
 
     p = sub.add_parser("pipeline", help="the whole recipe for each label fraction, with a report")
     p.add_argument("--preset", default="cpu-demo", help=f"one of {', '.join(preset_names())} or a YAML file (default: cpu-demo)")
@@ -125,12 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _allow_unverified_option(p) -> None:
+    p.add_argument("--allow-unverified", action="store_true", help=HELP["allow_unverified"])
+
+
 def _inference_parsers(sub) -> None:
     """embed, predict, export, import-tf: using trained models (simclrv2.inference)."""
     def runtime_options(p):
         p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
         p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
         p.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 | auto (default: fp32)")
+        _allow_unverified_option(p)
 
     p = sub.add_parser("embed", help="features of image files or folders -> .npy (+ .paths.txt with the row order)",
                        description="Features of images (the encoder output, a projection-head layer of a pretrained "
@@ -153,6 +163,7 @@ def _inference_parsers(sub) -> None:
     p = sub.add_parser("export", help="ONNX export of a classifier checkpoint")
     p.add_argument("checkpoint", help="classifier checkpoint (e.g. the distilled student)")
     p.add_argument("--onnx", required=True, help="output .onnx file (class names go to NAME.classes.txt)")
+    _allow_unverified_option(p)
 
     p = sub.add_parser("import-tf", help="convert an official SimCLRv2 TensorFlow checkpoint (no TensorFlow needed)")
     p.add_argument("checkpoint", help="TF checkpoint prefix (DIR/model.ckpt-N), its .index file, or its directory")
@@ -228,11 +239,19 @@ def _interrupted(args) -> str:
         step = step_of(last) if last.exists() else None
         if step is None:
             return "simclrv2: interrupted before the first checkpoint; run the same command again to start over"
-        again = "run the same command again" if args.resume else "continue with the same command plus --resume"
-        return f"simclrv2: interrupted; {again} (it picks up from {last}, step {step})"
+        return f"simclrv2: interrupted; run the same command again to continue (it picks up from {last}, step {step})"
     if args.command == "pipeline":
         return "simclrv2: interrupted; run the same pipeline command again: finished stages are reused"
     return "simclrv2: interrupted"
+
+
+def _unverified(args):
+    """--allow-unverified of evaluate / embed / predict / export (stages read it from their config)."""
+    if getattr(args, "allow_unverified", None) is True:
+        from simclrv2.checkpoint import unverified_allowed
+
+        return unverified_allowed()
+    return contextlib.nullcontext()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -249,44 +268,45 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(-1 if args.quiet else 1 if args.verbose else 0)
     try:
-        if args.command == "presets":
-            if args.name:
-                import yaml
+        with _unverified(args):
+            if args.command == "presets":
+                if args.name:
+                    import yaml
 
-                print(yaml.safe_dump(load_preset(args.name), sort_keys=False), end="")
+                    print(yaml.safe_dump(load_preset(args.name), sort_keys=False), end="")
+                else:
+                    print("\n".join(preset_names()))
+                return 0
+            if args.command == "summary":
+                from simclrv2.models import build_resnet
+
+                enc = build_resnet(args.depth, args.width, args.sk)
+                n = sum(p.numel() for p in enc.parameters())
+                print(f"ResNet-{args.depth} {args.width}x{' +SK' if args.sk else ''}: {n / 1e6:.2f}M parameters, {enc.out_dim}-d features")
+                return 0
+            if args.command == "evaluate":
+                from simclrv2.checkpoint import read_meta
+                from simclrv2.errors import ConfigError
+                from simclrv2.stages import evaluate
+
+                if args.batch_size < 1:
+                    raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+                if args.dataset is None and "dataset" not in read_meta(args.checkpoint):
+                    raise ConfigError(f"{args.checkpoint}: the checkpoint does not name its dataset; pass --dataset")
+                result = evaluate(args.checkpoint, args.dataset, args.data_dir, args.split, args.device, args.precision,
+                                  args.batch_size, args.workers)
+            elif args.command in ("embed", "predict", "export", "import-tf"):
+                result = _run_inference(args)
+            elif args.command == "pipeline":
+                from simclrv2.pipeline import parse_overrides, run_pipeline
+
+                result = run_pipeline(args.preset, args.out, dataset=args.dataset, data_dir=args.data_dir,
+                                      label_fractions=args.label_fractions, overrides=parse_overrides(args.overrides),
+                                      device=args.device, stages=args.stages)
             else:
-                print("\n".join(preset_names()))
+                result = _run_stage(args)
+            print(json.dumps(result, indent=2, default=str))
             return 0
-        if args.command == "summary":
-            from simclrv2.models import build_resnet
-
-            enc = build_resnet(args.depth, args.width, args.sk)
-            n = sum(p.numel() for p in enc.parameters())
-            print(f"ResNet-{args.depth} {args.width}x{' +SK' if args.sk else ''}: {n / 1e6:.2f}M parameters, {enc.out_dim}-d features")
-            return 0
-        if args.command == "evaluate":
-            from simclrv2.checkpoint import read_meta
-            from simclrv2.errors import ConfigError
-            from simclrv2.stages import evaluate
-
-            if args.batch_size < 1:
-                raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-            if args.dataset is None and "dataset" not in read_meta(args.checkpoint):
-                raise ConfigError(f"{args.checkpoint}: the checkpoint does not name its dataset; pass --dataset")
-            result = evaluate(args.checkpoint, args.dataset, args.data_dir, args.split, args.device, args.precision, args.batch_size,
-                              args.workers)
-        elif args.command in ("embed", "predict", "export", "import-tf"):
-            result = _run_inference(args)
-        elif args.command == "pipeline":
-            from simclrv2.pipeline import parse_overrides, run_pipeline
-
-            result = run_pipeline(args.preset, args.out, dataset=args.dataset, data_dir=args.data_dir,
-                                  label_fractions=args.label_fractions, overrides=parse_overrides(args.overrides),
-                                  device=args.device, stages=args.stages)
-        else:
-            result = _run_stage(args)
-        print(json.dumps(result, indent=2, default=str))
-        return 0
     except UserError as e:
         print(f"simclrv2: error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -39,7 +39,9 @@ class RunConfig:
     skip_bad_images: bool = False  # image folders: skip unreadable files (logged) instead of stopping
     check_images: bool = True  # image folders: decode every image before training (cached per file)
     dist_timeout: float = 1800.0  # seconds a collective may wait under torchrun before the run fails
-    resume: bool = False
+    resume: bool = False  # continue the run in OUT even where its options differ (one with equal options always is)
+    restart: bool = False  # replace the run in OUT (finished or not) with a new one
+    allow_unverified: bool = False  # load input checkpoints that have no checksum (with a warning)
     epochs: float = 10
     batch_size: int = 256  # global batch (all processes together)
     lr: float = 0.1  # base learning rate, scaled by lr_scaling

@@ -81,6 +81,7 @@ class FitResult:
     steps: int
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    last_row: dict[str, Any] = field(default_factory=dict)  # the last step's logged row, this run's or the resumed one's
 
 
 def step_generator(seed: int, step: int, device: torch.device | None = None) -> torch.Generator:
@@ -236,10 +237,12 @@ def train_step(task: Task, opt: torch.optim.Optimizer, rt: Runtime, images: torc
 
 
 def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: str | Path, stage: str,
-        meta: dict[str, Any]) -> FitResult:
+        meta: dict[str, Any], run=None) -> FitResult:
     """Train ``task`` on ``data`` per ``cfg``; checkpoints in ``out_dir`` (last.*, final.*).
 
-    ``meta`` (model spec, classes, ...) is stored in every checkpoint's JSON.
+    ``meta`` (model spec, classes, ...) is stored in every checkpoint's JSON. ``run``: the stage's
+    :class:`simclrv2.rundir.StageRun`, whose decision says whether to continue the run in
+    ``out_dir``; without one, ``cfg.resume`` does.
     """
     out = Path(out_dir)
     if cfg.batch_size % rt.world_size:
@@ -264,11 +267,13 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
     # a run killed after its final checkpoint but before its stage stored the result continues from final.*:
     # nothing left to train, the stage then evaluates (its last.* may be gone)
     source = last if last.exists() else final if final.exists() else None
-    if cfg.resume and source is not None:
+    resume = run.continues if run is not None else cfg.resume
+    if resume and source is not None:
         tensors, saved = ckpt.load_checkpoint(source)
         if saved.get("total_steps") != total or saved.get("stage") != stage:
             raise CheckpointError(f"{source}: cannot resume: it is stage {saved.get('stage')!r} with {saved.get('total_steps')} steps, "
-                                  f"this run is {stage!r} with {total} steps (same options needed)")
+                                  f"this run is {stage!r} with {total} steps (same options and data needed; "
+                                  "--restart starts over)")
         ckpt.load_state(model, ckpt.subdict(tensors, "model."), source, "model")
         if source == last:
             load_optimizer_tensors(opt, params, tensors)
@@ -280,10 +285,14 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
         resumed_row = saved.get("metrics") or {}
         if rt.is_main:
             log.info(f"{stage}: resuming from {source} at step {start}/{total}")
+        if run is not None:
+            run.begin()
     elif rt.is_main:
+        if run is not None:
+            run.begin()  # from here a failure keeps OUT as it is (a restart has removed the run it replaces)
         out.mkdir(parents=True, exist_ok=True)
-        # a fresh start must not leave an older run's resume point behind
-        for name in ("last.safetensors", "last.json", "metrics.jsonl"):
+        # a fresh start must not leave an older run's resume point or result behind
+        for name in ("last.safetensors", "last.json", "final.safetensors", "final.json", "metrics.jsonl"):
             (out / name).unlink(missing_ok=True)
     if not same_on_all_ranks(start, rt.device):
         raise CheckpointError(f"{stage}: the processes disagree on the resume step ({last} differs between machines?); "
@@ -371,7 +380,7 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
     seconds = prior_seconds + time.perf_counter() - t0  # all runs of this stage, not only the resumed part
     save("final", total, history[-1] if history else resumed_row)
     rt.barrier()
-    return FitResult(out, total, seconds, history)
+    return FitResult(out, total, seconds, history, history[-1] if history else resumed_row)
 
 
 # ------------------------------------------------------------------ evaluation helpers

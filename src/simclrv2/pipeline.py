@@ -63,7 +63,29 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
     """Run the recipe; returns the report (also written to OUT/report.json and OUT/report.md).
 
     ``stages``: run only these (default: all); the others are reused when finished in OUT, else skipped,
-    and then the report is not written (the returned dict lists what is missing)."""
+    and then the report is not written (the returned dict lists what is missing). A pipeline that fails
+    before any stage began training leaves no trace in a --out it created (each stage undoes its own
+    failed start; this removes pipeline.yaml and the directories)."""
+    path = Path(out).absolute()
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    had_yaml = (path / "pipeline.yaml").exists()
+    try:
+        return _run_pipeline(preset_name, out, dataset, data_dir, label_fractions, overrides, device, stages)
+    except BaseException:
+        if int(os.environ.get("RANK", "0")) == 0 and not had_yaml and path.is_dir() \
+                and not any(p.is_dir() for p in path.iterdir()):
+            (path / "pipeline.yaml").unlink(missing_ok=True)
+            for d in created:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+        raise
+
+
+def _run_pipeline(preset_name: str, out: str | Path, dataset: str | None, data_dir: str | None,
+                  label_fractions: list[float] | None, overrides: dict[str, Any] | None, device: str | None,
+                  stages: list[str] | None) -> dict[str, Any]:
     from simclrv2.stages import distill, finetune, linear_eval, pretrain, supervised
     from simclrv2.stages.common import stage_done
 
@@ -89,7 +111,6 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
     if unknown:
         raise ConfigError(f"preset model/student: unknown keys {sorted(unknown)}; expected {MODEL_KEYS}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     head_layers = preset.get("finetune_head_layers") or [None]
 
     by_fraction = {float(k): v for k, v in (preset.get("fractions") or {}).items()}
@@ -106,9 +127,8 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
         fraction = kw.get("label_fraction")
         merged.update((by_fraction.get(fraction) or {}).get(section or stage) or {})
         values[stage] = merged
-        # a stage finished in an earlier run (its result stored) is reused; one interrupted continues from its
-        # last checkpoint, or from its final one when it was stopped before storing the result
-        kw.setdefault("resume", stage_done(Path(kw["out"])) is None)
+        # (the stage itself reuses its run when finished in an earlier run with the same options, and continues it
+        # from its last checkpoint, or its final one when stopped before storing the result, when interrupted)
         return make_config(stage, values, **kw)
 
     # Validate every stage's options before any work starts.
@@ -142,7 +162,14 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
         if needs is not None and stage_done(needs) is None:
             raise ConfigError(f"--stages {stage}: needs the finished {NEEDS[stage]} stage in {needs}; "
                               f"run the pipeline with --stages {NEEDS[stage]} first (same --out)")
-        return fn(config)
+        try:
+            return fn(config)
+        except ConfigError as e:
+            if "--restart" not in str(e):
+                raise
+            # a stage directory holding a run with other options: the pipeline's spelling of the stage's flags
+            flags = " or ".join(f"--set {stage}.{f}=true" for f in ("resume", "restart") if f"--{f}" in str(e))
+            raise ConfigError(f"{e} (in a pipeline: {flags})") from None
 
     def add(stage: str, res: dict[str, Any] | None, stage_dir: Path, fraction: float, variant: str | None = None):
         if res is None:

@@ -58,7 +58,6 @@ import os
 import re
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -936,27 +935,6 @@ def convert(ckpt_prefix: str | os.PathLike, kind: str | None = None, head_layer:
 # ----------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
 def import_tf(ckpt_prefix: str | os.PathLike, out_dir: str | os.PathLike, kind: str | None = None,
               head_layer: int | None = None, ema: bool = False, image_size: int = 224) -> dict[str, Any]:
     """Convert a TF checkpoint and write ``out_dir/final.safetensors`` + ``out_dir/final.json``.
@@ -965,8 +943,6 @@ def import_tf(ckpt_prefix: str | os.PathLike, out_dir: str | os.PathLike, kind: 
     embedded in the safetensors header under ``"simclrv2"``) holds ``kind``, ``config``, ``model``
     (the spec models.factory rebuilds from), ``stage: "import-tf"`` and ``metadata``. Returns the JSON.
     """
-    from safetensors.torch import save_file
-
     sd, config, info = _convert(ckpt_prefix, kind, head_layer, ema)
     spec = info.pop("spec")
     small = spec["small_images"]
@@ -984,12 +960,12 @@ def import_tf(ckpt_prefix: str | os.PathLike, out_dir: str | os.PathLike, kind: 
         "result": {"tensors": len(sd)},
         "metadata": info,
     }
-    text = json.dumps(meta, indent=2, sort_keys=True)
+    from simclrv2 import checkpoint as ckpt
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.contiguous() for k, v in sd.items()}
-    _atomic_write(out / "final.safetensors", lambda p: save_file(tensors, p, metadata={"simclrv2": text}))
-    _atomic_write(out / "final.json", lambda p: Path(p).write_text(text + "\n"))
+    # the stages' writer: atomic, with the checksum every load verifies
+    ckpt.save_checkpoint(out / "final", tensors, meta)
     return meta
 
 

@@ -577,10 +577,40 @@ def _is_image(fn: str) -> bool:
 
 
 def _walk_images(top: str) -> list[str]:
-    """All image files under ``top`` (recursive, sorted, hidden entries skipped), as absolute paths."""
+    """All image files under ``top`` (recursive, sorted, hidden entries skipped), as absolute paths.
+
+    Symbolic links to folders are followed, each real folder once: a link to ``top`` or a folder
+    above it (a loop), or to a folder already read, is skipped with a warning naming it."""
+    import logging
+
     out = []
+    seen = set()
+    d = os.path.realpath(top)
+    while True:  # top and the folders above it: a link to any of them is a loop
+        try:
+            st = os.stat(d)
+            seen.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+        if os.path.dirname(d) == d:
+            break
+        d = os.path.dirname(d)
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            path = os.path.join(dirpath, d)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # a dangling link
+            if (st.st_dev, st.st_ino) in seen:
+                logging.getLogger("simclrv2").warning(
+                    f"skipping {path}: it links to {os.path.realpath(path)}, a folder already read or one above "
+                    "it (a symbolic link loop or a second link to one folder)")
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            keep.append(d)
+        dirnames[:] = keep
         out.extend(os.path.join(dirpath, fn) for fn in filenames if _is_image(fn))
     return sorted(out)
 
@@ -701,6 +731,10 @@ class ImageFolderDataset(ImageDataset):
                 labels.extend([class_index[c]] * len(found))
         if not files:
             raise DataError(f"the {split} split of image folder {root} is empty: no images in {split_dir}")
+        broken = next((p for p in files if "\n" in p or "\r" in p), None)
+        if broken is not None:  # ids are written one per line (labeled_subset.txt, subset files)
+            raise DataError(f"image file {broken!r} has a line break in its path; rename it (image names are "
+                            "written one per line)")
         self.ids = [os.path.relpath(p, root).replace(os.sep, "/") for p in files]
         self.labels = np.asarray(labels, dtype=np.int64)
 

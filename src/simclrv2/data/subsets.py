@@ -25,6 +25,11 @@ from simclrv2.errors import ConfigError, DataError
 __all__ = ["labeled_subset", "split_labeled", "write_subset_file", "read_subset_file"]
 
 
+class IdentifierError(DataError, ValueError):
+    """An image identifier that cannot be written one per line (a DataError: one line for the user;
+    a ValueError, as before)."""
+
+
 def _check_counts(fraction, per_class) -> None:
     if (fraction is None) == (per_class is None):
         raise ConfigError("give exactly one of fraction (share of labels per class) or per_class (labels per class)")
@@ -106,11 +111,15 @@ def write_subset_file(path: str | os.PathLike, ids: Sequence[str]) -> None:
     for s in ids:
         s = str(s)
         if not s.strip() or "\n" in s or "\r" in s or s != s.strip():
-            raise ValueError(f"subset identifier {s!r} must be non-empty, one line, without surrounding spaces")
+            raise IdentifierError(f"{path}: image identifier {s!r} cannot be written to a subset file (one name per line): "
+                            "rename the file so that its name has no line break and no surrounding spaces")
         lines.append(s)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".subset-", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".subset-", suffix=".tmp", dir=folder)
+    except OSError as e:  # name the file the user knows, not the hidden temporary one
+        raise OSError(e.errno, e.strerror, path) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write("".join(s + "\n" for s in lines))

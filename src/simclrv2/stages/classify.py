@@ -6,7 +6,7 @@ distillation loss against a fixed teacher that sees the same view (docs/method.m
 
 from __future__ import annotations
 
-import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,13 @@ from simclrv2.config import DistillConfig, FinetuneConfig, LinearEvalConfig, Run
 from simclrv2.data.augment import FinetuneAugment
 from simclrv2.distributed import global_count_share, wrap_model
 from simclrv2.engine import Task, batch_rows, fit
-from simclrv2.errors import ConfigError
+from simclrv2.errors import ConfigError, DataError
 from simclrv2.losses import DistillationLoss
 from simclrv2.models import Classifier, build_model, count_params, model_spec, set_activation_checkpointing
+from simclrv2.rundir import StageRun
 from simclrv2.runtime import Runtime, init_runtime, log
 from simclrv2.stages.common import (
-    check_compatible, evaluate_classifier, finish, load_model, log_result, prepare_data, require, stage_done, to_device,
+    check_compatible, evaluate_classifier, finish, load_model, log_result, prepare_data, require, to_device,
 )
 
 
@@ -76,10 +77,11 @@ class ClassificationTask(Task):
 
 
 def _train_classifier(stage: str, cfg: RunConfig, model: Classifier, data, rt: Runtime, train_set, out: Path,
-                      meta: dict[str, Any], label_fraction: float | None, **task_kw) -> dict[str, Any]:
+                      meta: dict[str, Any], label_fraction: float | None, run: StageRun | None = None,
+                      **task_kw) -> dict[str, Any]:
     check_compatible(meta, data, out)
     task = ClassificationTask(model, cfg, data.image_size, rt, **task_kw)
-    fitted = fit(task, cfg, rt, train_set, out, stage, meta)
+    fitted = fit(task, cfg, rt, train_set, out, stage, meta, run)
     result: dict[str, Any] = {"stage": stage, "params": count_params(model), "seconds": fitted.seconds,
                               "label_fraction": label_fraction, "labeled_images": len(data.labeled)}
     result.update(evaluate_classifier(model, data.test, rt, data.image_size, cfg.eval_batch_size, cfg.workers))
@@ -96,73 +98,91 @@ def _label_fraction(cfg: RunConfig, data) -> float:
     return len(data.labeled) / len(data.train) if cfg.subset_file or cfg.labels_per_class else cfg.label_fraction
 
 
-def _start(stage: str, cfg: RunConfig, rt: Runtime | None):
-    require(cfg.out, "out", stage)
-    out = Path(cfg.out)
-    done = stage_done(out)
-    if done and not cfg.resume:
-        log.info(f"{stage}: {out} already holds a finished run; reusing it")
-        return out, done["result"], None
-    rt = rt or init_runtime(cfg.device, cfg.precision, cfg.tf32, cfg.dist_timeout)
-    torch.manual_seed(cfg.seed)
-    return out, None, rt
+def _stage(stage: str, *required: str):
+    """The stage function around ``body(cfg, rt, run)``: required options, then the run directory
+    (:class:`simclrv2.rundir.StageRun`: lock, reuse / continue / fresh, clean-up of a failed start)."""
+    def wrap(body):
+        @functools.wraps(body)
+        def stage_fn(cfg, rt: Runtime | None = None) -> dict[str, Any]:
+            require(cfg.out, "out", stage)
+            for option in required:
+                require(getattr(cfg, option), option, stage)
+            with StageRun(stage, cfg, rt) as run:
+                if run.reused:
+                    return run.decision.result
+                torch.manual_seed(cfg.seed)
+                return body(cfg, run.rt, run)
+        del stage_fn.__wrapped__  # its signature is (cfg, rt=None), not the body's
+        return stage_fn
+    return wrap
 
 
-def finetune(cfg: FinetuneConfig, rt: Runtime | None = None) -> dict[str, Any]:
+def _classes_needed(stage: str, cfg: RunConfig, data, train_set) -> None:
+    """Classification needs two classes, and a training set of at least one batch: say what is missing."""
+    if len(data.classes) < 2:
+        where = cfg.data_dir if cfg.dataset == "imagefolder" else cfg.dataset
+        raise DataError(f"{stage}: {where} has {len(data.classes)} class ({', '.join(data.classes)}); classification "
+                        "needs at least 2 (one train/CLASS folder per class)")
+    if len(train_set) < cfg.batch_size and train_set is data.labeled:
+        how = (f"--subset-file {cfg.subset_file}" if cfg.subset_file else f"--labels-per-class {cfg.labels_per_class}"
+               if cfg.labels_per_class else f"--label-fraction {cfg.label_fraction:g}")
+        raise ConfigError(f"{stage}: --batch-size {cfg.batch_size} is larger than the {len(train_set)} labeled images "
+                          f"({how} of {len(data.train)} training images in {len(data.classes)} classes): label more "
+                          f"images (--label-fraction, --labels-per-class) or use --batch-size {len(train_set)} or less")
+
+
+@_stage("finetune", "pretrained")
+def finetune(cfg: FinetuneConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     """Fine-tune a pretrained encoder + head up to layer k + linear classifier on the labeled subset."""
-    require(cfg.pretrained, "pretrained", "finetune")
-    out, done, rt = _start("finetune", cfg, rt)
-    if done:
-        return done
+    out = run.out
     pretrained, pmeta = load_model(cfg.pretrained, "simclr")
     data = prepare_data(cfg, out if rt.is_main else None, with_unlabeled_split=False)
+    _classes_needed("finetune", cfg, data, data.labeled)
     fraction = _label_fraction(cfg, data)
     k = cfg.head_layer if cfg.head_layer is not None else (1 if fraction <= 0.1 else 0)
     model = Classifier.from_pretrained(pretrained, len(data.classes), k)
     spec = dict(pmeta["model"], kind="classifier", num_classes=len(data.classes), head_layer=k)
     model = to_device(model, rt, cfg.channels_last)
     meta = _meta(spec, data, cfg) | {"pretrained": str(ckpt.resolve(cfg.pretrained))}
-    return _train_classifier("finetune", cfg, model, data, rt, data.labeled, out, meta, fraction)
+    return _train_classifier("finetune", cfg, model, data, rt, data.labeled, out, meta, fraction, run)
 
 
-def supervised(cfg: SupervisedConfig, rt: Runtime | None = None) -> dict[str, Any]:
+@_stage("supervised")
+def supervised(cfg: SupervisedConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     """The baseline: the same encoder + linear classifier trained from scratch on the labeled subset."""
-    out, done, rt = _start("supervised", cfg, rt)
-    if done:
-        return done
+    out = run.out
     data = prepare_data(cfg, out if rt.is_main else None, with_unlabeled_split=False)
+    _classes_needed("supervised", cfg, data, data.labeled)
     spec = model_spec("classifier", depth=cfg.depth, width=cfg.width, sk=cfg.sk, small_images=data.small_images,
                       in_channels=data.channels, head_layers=0, num_classes=len(data.classes), head_layer=0)
     model = to_device(build_model(spec), rt, cfg.channels_last)
     return _train_classifier("supervised", cfg, model, data, rt, data.labeled, out, _meta(spec, data, cfg),
-                             _label_fraction(cfg, data))
+                             _label_fraction(cfg, data), run)
 
 
-def linear_eval(cfg: LinearEvalConfig, rt: Runtime | None = None) -> dict[str, Any]:
+@_stage("linear_eval", "pretrained")
+def linear_eval(cfg: LinearEvalConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     """Linear classifier on a frozen pretrained encoder (BN statistics frozen too)."""
-    require(cfg.pretrained, "pretrained", "linear-eval")
-    out, done, rt = _start("linear_eval", cfg, rt)
-    if done:
-        return done
+    out = run.out
     pretrained, pmeta = load_model(cfg.pretrained, "simclr")
     data = prepare_data(cfg, out if rt.is_main else None, with_unlabeled_split=False)
+    _classes_needed("linear-eval", cfg, data, data.labeled)
     model = Classifier.from_pretrained(pretrained, len(data.classes), cfg.head_layer)
     spec = dict(pmeta["model"], kind="classifier", num_classes=len(data.classes), head_layer=cfg.head_layer)
     model = to_device(model, rt, cfg.channels_last)
     meta = _meta(spec, data, cfg) | {"pretrained": str(ckpt.resolve(cfg.pretrained))}
     return _train_classifier("linear_eval", cfg, model, data, rt, data.labeled, out, meta, _label_fraction(cfg, data),
-                             frozen_encoder=True)
+                             run, frozen_encoder=True)
 
 
-def distill(cfg: DistillConfig, rt: Runtime | None = None) -> dict[str, Any]:
+@_stage("distill", "teacher")
+def distill(cfg: DistillConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     """Distil a fixed fine-tuned teacher into a student on all training images (labeled + unlabeled)."""
-    require(cfg.teacher, "teacher", "distill")
-    out, done, rt = _start("distill", cfg, rt)
-    if done:
-        return done
+    out = run.out
     teacher, tmeta = load_model(cfg.teacher, "classifier")
     tspec = tmeta["model"]
     data = prepare_data(cfg, out if rt.is_main else None)
+    _classes_needed("distill", cfg, data, data.all_images())
     check_compatible(tmeta, data, ckpt.resolve(cfg.teacher))
     depth = cfg.depth or tspec["depth"]
     width = cfg.width or tspec["width"]
@@ -197,7 +217,7 @@ def distill(cfg: DistillConfig, rt: Runtime | None = None) -> dict[str, Any]:
     log.info(f"distill: {'self-distillation' if same else 'big-to-small'} tau={tau} alpha={cfg.alpha} "
              f"on {len(data.all_images())} images")
     result = _train_classifier("distill", cfg, student, data, rt, data.all_images(), out, meta, _label_fraction(cfg, data),
-                               teacher=teacher, distill=DistillationLoss(tau, cfg.alpha), adapt_classifier=whole)
+                               run, teacher=teacher, distill=DistillationLoss(tau, cfg.alpha), adapt_classifier=whole)
     return result
 
 

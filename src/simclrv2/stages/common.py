@@ -145,6 +145,12 @@ def load_model(path: str | Path, kind: str | None = None) -> tuple[nn.Module, di
         raise CheckpointError(f"{source}: invalid model spec in the checkpoint ({' '.join(str(e).split())[:200]})") from None
     what = f"{spec.get('kind')} model (depth {spec.get('depth')}, width {spec.get('width')})"
     ckpt.load_state(model, ckpt.subdict(tensors, "model."), source, what)
+    classes = meta.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"{source}: invalid class list in the checkpoint (expected a list of names)")
+    if spec.get("kind") == "classifier" and classes and len(classes) != spec.get("num_classes"):
+        raise CheckpointError(f"{source}: the checkpoint names {len(classes)} classes for its {spec.get('num_classes')}-class "
+                              "classifier; its class list and its model do not belong together")
     return model, meta
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,8 +15,9 @@ from simclrv2.distributed import global_count_share, wrap_model
 from simclrv2.engine import Task, batch_rows, fit, knn_accuracy, predict
 from simclrv2.losses import NTXentLoss, gather_with_grad
 from simclrv2.models import SimCLRModel, build_model, count_params, model_spec, set_activation_checkpointing
-from simclrv2.runtime import Runtime, init_runtime, log
-from simclrv2.stages.common import Data, finish, log_result, prepare_data, require, stage_done, to_device
+from simclrv2.rundir import StageRun
+from simclrv2.runtime import Runtime
+from simclrv2.stages.common import Data, finish, log_result, prepare_data, require, to_device
 
 
 class ContrastiveTask(Task):
@@ -148,13 +148,15 @@ def knn_eval(encoder, data: Data, rt: Runtime, k: int = 200, train_size: int = 1
 def pretrain(cfg: PretrainConfig, rt: Runtime | None = None) -> dict[str, Any]:
     """Pretrain a SimCLRv2 encoder + head on all training images; returns the stage's result."""
     require(cfg.out, "out", "pretrain")
-    out = Path(cfg.out)
-    done = stage_done(out)
-    if done and not cfg.resume:
-        log.info(f"pretrain: {out} already holds a finished run; reusing it")
-        return done["result"]
-    rt = rt or init_runtime(cfg.device, cfg.precision, cfg.tf32, cfg.dist_timeout)
-    torch.manual_seed(cfg.seed)
+    with StageRun("pretrain", cfg, rt) as run:
+        if run.reused:
+            return run.decision.result
+        torch.manual_seed(cfg.seed)
+        return _pretrain(cfg, run.rt, run)
+
+
+def _pretrain(cfg: PretrainConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
+    out = run.out
     data = prepare_data(cfg, out if rt.is_main else None)
     spec = model_spec("simclr", depth=cfg.depth, width=cfg.width, sk=cfg.sk, small_images=data.small_images,
                       in_channels=data.channels, head_layers=cfg.head_layers, proj_dim=cfg.proj_dim,
@@ -162,12 +164,14 @@ def pretrain(cfg: PretrainConfig, rt: Runtime | None = None) -> dict[str, Any]:
     model = to_device(build_model(spec), rt, cfg.channels_last)
     task = ContrastiveTask(model, cfg, data, rt)
     meta = {"model": spec, "classes": data.classes, "dataset": cfg.dataset, "image_size": data.image_size}
-    fitted = fit(task, cfg, rt, data.all_images(), out, "pretrain", meta)
-    knn = fitted.history[-1].get("knn") if fitted.history else None  # the last epoch's, when fit evaluated it
+    fitted = fit(task, cfg, rt, data.all_images(), out, "pretrain", meta, run)
+    # the last epoch's, when fit evaluated it (a run continued from its final checkpoint trained nothing here:
+    # its last row is the resumed checkpoint's)
+    knn = fitted.last_row.get("knn")
     if knn is None:
         knn = knn_eval(model.encoder, data, rt, cfg.knn_k, cfg.knn_train_size, cfg.eval_batch_size, cfg.workers)
     result = {"stage": "pretrain", "knn": knn, "params": count_params(model), "seconds": fitted.seconds,
-              "final_loss": fitted.history[-1]["loss"] if fitted.history else None}
+              "final_loss": fitted.last_row.get("loss")}
     finish(out, rt, result)
     log_result("pretrain", result)
     return result
