@@ -6,6 +6,8 @@
    OUT/check.<rank>.json holds the unreadable images each process returned and its own counts.
 2. Predictions of a fixed model over ROOT's test split (on disk, one decode worker) and over the
    digits test split (in memory), each process computing its share: OUT/<name>.<rank>.npy.
+3. One training step of a small conv net with global BatchNorm under DDP, eager and through
+   ``torch.compile`` (``--compile`` with DDP + global BN): OUT/compile.<rank>.json.
 """
 
 from __future__ import annotations
@@ -55,6 +57,37 @@ def predictions(rt):
     }
 
 
+class TinyNet(torch.nn.Module):
+    """conv -> BN -> ReLU -> pool -> linear: compiles in seconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def compiled_ddp_step(rt) -> dict:
+    """Loss and gradients of one DDP step with global BN, eager vs compiled: their largest differences."""
+    from simclrv2.distributed import wrap_model
+
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = TinyNet()
+        net = wrap_model(model, rt, sync_bn=True, compile=compiled)
+        x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(rt.rank))  # this rank's rows
+        loss = net(x).square().mean()
+        loss.backward()
+        runs[compiled] = (loss.item(), [p.grad.clone() for p in model.parameters()], model.bn.running_var.clone())
+    (l0, g0, v0), (l1, g1, v1) = runs[False], runs[True]
+    return {"loss": l0, "loss_diff": abs(l0 - l1), "grad_diff": max((a - b).abs().max().item() for a, b in zip(g0, g1)),
+            "grad_scale": max(a.abs().max().item() for a in g0), "running_var_diff": (v0 - v1).abs().max().item()}
+
+
 def main() -> None:
     from simclrv2.data import ImageFolderDataset, image_check
     from simclrv2.runtime import init_runtime
@@ -69,6 +102,7 @@ def main() -> None:
     for name, (outputs, labels) in predictions(rt).items():
         np.save(out / f"{name}.{rt.rank}.npy", outputs.numpy())
         np.save(out / f"{name}_labels.{rt.rank}.npy", labels.numpy())
+    (out / f"compile.{rt.rank}.json").write_text(json.dumps(compiled_ddp_step(rt)))
     torch.distributed.destroy_process_group()
 
 

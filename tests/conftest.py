@@ -8,7 +8,7 @@ import torch
 # set before anything runs so that subprocesses (torchrun tests) inherit it
 os.environ["SIMCLRV2_CACHE_DIR"] = tempfile.mkdtemp(prefix="simclrv2-test-cache-")
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("SIMCLRV2_TEST_THREADS", "2")))  # 2: the CI machine's cores
 
 TINY = dict(dataset="digits", precision="fp32", label_fraction=0.1, seed=0, log_every=1000)
 

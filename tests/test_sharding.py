@@ -3,6 +3,8 @@
 * The image check: each process decodes only its share of the files (in several rounds, with a
   collective per round), and every process learns every unreadable file; the cache then holds
   every file once, so a second check decodes nothing.
+* ``--compile`` with DDP and global BatchNorm: a compiled step gives the eager step's loss,
+  gradients and running statistics on every process (the BN's collectives break the graph).
 * Evaluation: each process predicts a contiguous block of the rows (on-disk images through a
   DataLoader worker, in-memory ones directly) and every process gets all rows, in order, equal
   to one process predicting the whole split.
@@ -77,3 +79,12 @@ def test_sharded_predictions_equal_one_process(run, monkeypatch, name):
         assert got.shape == tuple(reference.shape)
         np.testing.assert_allclose(got, reference.numpy(), rtol=1e-5, atol=1e-5 * reference.abs().max().item())
         np.testing.assert_array_equal(np.load(out / f"{name}_labels.{rank}.npy"), labels.numpy())
+
+
+def test_compiled_ddp_step_with_global_batchnorm_equals_eager(run):
+    _, out, _ = run
+    results = [json.loads((out / f"compile.{r}.json").read_text()) for r in (0, 1)]
+    assert results[0]["loss"] != results[1]["loss"]  # each rank had its own rows
+    for r in results:
+        assert r["loss_diff"] <= 1e-6 * abs(r["loss"])
+        assert r["grad_diff"] <= 1e-5 * r["grad_scale"] and r["running_var_diff"] <= 1e-6

@@ -291,7 +291,55 @@ def load_preset(name_or_path: str | None) -> dict[str, Any]:
         raise ConfigError(f"--preset {name_or_path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--preset {name_or_path}: expected a mapping at the top level")
+    check_preset(data, f"--preset {name_or_path}")
     return data
+
+
+# the pipeline's own keys (pipeline.py), beside the stage sections and the options shared by stages
+PIPELINE_KEYS = ("label_fractions", "model", "student", "distill_init", "finetune_head_layers", "fractions")
+MODEL_KEYS = ("depth", "width", "sk")
+SECTIONS = {**{stage: stage for stage in STAGE_CONFIGS}, "distill_small": "distill"}  # section -> its stage's options
+
+
+def _nearest(name: str, candidates) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(name), sorted(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _check_section(section: str, values: Any, source: str) -> None:
+    if values is None:
+        return
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: section {section!r} must be a mapping of options, got {values!r}")
+    names = {f.name for f in fields(STAGE_CONFIGS[SECTIONS[section]])}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"{source}: {section}.{key} is not an option of {SECTIONS[section]}{_nearest(key, names)}")
+
+
+def check_preset(preset: dict[str, Any], source: str) -> None:
+    """Every key of a preset (or of pipeline --set overrides) is known: a stage section and its
+    options, a pipeline key, or an option some stage has (shared by every stage that has it).
+    A misspelt key is a ConfigError naming it and the nearest valid name, never silently unused."""
+    shared = {f.name for cls in STAGE_CONFIGS.values() for f in fields(cls)}
+    for key, value in preset.items():
+        if key in SECTIONS:
+            _check_section(key, value, source)
+        elif key in ("model", "student"):
+            if value is not None and (not isinstance(value, dict) or set(value) - set(MODEL_KEYS)):
+                bad = sorted(set(value) - set(MODEL_KEYS)) if isinstance(value, dict) else value
+                raise ConfigError(f"{source}: {key} takes {', '.join(MODEL_KEYS)}; got {bad}")
+        elif key == "fractions":
+            for fraction, sections in (value or {}).items():
+                for section, values in (sections or {}).items():
+                    if section not in SECTIONS:
+                        raise ConfigError(f"{source}: fractions.{fraction}.{section} is not a stage section"
+                                          f"{_nearest(section, SECTIONS)}")
+                    _check_section(section, values, f"{source} (fractions.{fraction})")
+        elif key not in PIPELINE_KEYS and key not in shared:
+            raise ConfigError(f"{source}: unknown key {key!r}{_nearest(key, [*SECTIONS, *PIPELINE_KEYS, *shared])}")
 
 
 def stage_values(preset: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -304,9 +352,7 @@ def stage_values(preset: dict[str, Any], stage: str) -> dict[str, Any]:
     if stage != "distill":
         values.update({k: v for k, v in (preset.get("model") or {}).items() if k in names})
     section = preset.get(stage) or {}
-    unknown = set(section) - names
-    if unknown:
-        raise ConfigError(f"preset section {stage!r} has unknown option(s): {', '.join(sorted(unknown))}")
+    _check_section(stage, section, "preset")
     values.update(section)
     return values
 

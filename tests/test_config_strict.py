@@ -1,0 +1,52 @@
+"""A misspelt preset key or --set override is an error naming it and the nearest valid name
+(it used to be silently ignored, training the defaults)."""
+
+import pytest
+
+from simclrv2.cli import main
+from simclrv2.config import check_preset, load_preset, preset_names
+from simclrv2.errors import ConfigError
+
+
+def _error(capsys, *argv) -> str:
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("temprature: 3\n", "unknown key 'temprature'; did you mean 'temperature'?"),
+    ("pretrian: {epochs: 3}\n", "unknown key 'pretrian'; did you mean 'pretrain'?"),
+    ("pretrain: {temprature: 3}\n", "pretrain.temprature is not an option of pretrain; did you mean 'temperature'?"),
+    ("distill_small: {epoch: 3}\n", "distill_small.epoch is not an option of distill; did you mean 'epochs'?"),
+    ("model: {depth: 18, widht: 0.5}\n", "model takes depth, width, sk; got ['widht']"),
+    ("fractions: {0.1: {finetun: {epochs: 2}}}\n", "fractions.0.1.finetun is not a stage section; did you mean 'finetune'?"),
+    ("pretrain: 5\n", "section 'pretrain' must be a mapping of options"),
+])
+def test_misspelt_preset_keys_are_named(tmp_path, capsys, text, needle):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("dataset: digits\n" + text)
+    line = _error(capsys, "pretrain", "--preset", str(preset), "--out", str(tmp_path / "o"))
+    assert line.startswith("simclrv2: error: --preset ") and needle in line, line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("pretrian.epochs=500", "--set: unknown key 'pretrian'; did you mean 'pretrain'?"),
+    ("pretrain.epoch=5", "--set: pretrain.epoch is not an option of pretrain; did you mean 'epochs'?"),
+    ("sed=1", "--set: unknown key 'sed'; did you mean 'seed'?"),
+])
+def test_misspelt_pipeline_overrides_are_named(tmp_path, capsys, override, needle):
+    line = _error(capsys, "pipeline", "--preset", "tiny", "--out", str(tmp_path / "o"), "--set", override)
+    assert needle in line, line
+    assert not list((tmp_path / "o").glob("**/*.safetensors"))
+
+
+def test_shipped_presets_and_valid_keys_pass():
+    for name in preset_names():
+        check_preset(load_preset(name), name)  # raises on any unknown key
+    check_preset({"seed": 1, "workers": 0, "pretrain": {"knn_k": 20}, "distill_small": {"epochs": 2},
+                  "fractions": {0.1: {"finetune": {"epochs": 2}}}, "model": {"depth": 18}}, "test")
+    with pytest.raises(ConfigError, match="'knn_kk'.*did you mean 'knn_k'"):
+        check_preset({"knn_kk": 20}, "test")
