@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from simclrv2 import checkpoint as ckpt
-from simclrv2.config import load_preset, make_config
+from simclrv2.config import check_preset, load_preset, make_config
 from simclrv2.errors import ConfigError
 from simclrv2.report import model_name, pipeline_feature_map, write_report
 from simclrv2.runtime import log
@@ -89,6 +89,7 @@ def _run_pipeline(preset_name: str, out: str | Path, dataset: str | None, data_d
     from simclrv2.stages import distill, finetune, linear_eval, pretrain, supervised
     from simclrv2.stages.common import stage_done
 
+    check_preset(overrides or {}, "--set")
     preset = merge(load_preset(preset_name), overrides or {})
     if dataset:
         preset["dataset"] = dataset
