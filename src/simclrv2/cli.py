@@ -26,6 +26,9 @@ HELP = {
     "label_fraction": "fraction of labeled training images per class, e.g. 0.01 or 0.1",
     "labels_per_class": "number of labeled images per class (instead of --label-fraction)",
     "subset_file": "text file of labeled image identifiers, one per line (like ImageNet's 1percent.txt)",
+    "val_size": "training images held out as a class-balanced, seeded validation split (never labeled for "
+                "training; the labeled subset is drawn from the rest, with the whole class's counts); classifier "
+                "stages report val_top1 on it (0 = none)",
     "resume": "continue the interrupted run in OUT even if its options differ from this command's (a run with "
               "the same options is continued, and a finished one reused, without it)",
     "restart": "throw away the run in OUT (finished or interrupted) and train from the start",

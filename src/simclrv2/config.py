@@ -52,6 +52,7 @@ class RunConfig:
     label_fraction: float | None = 0.01
     labels_per_class: int | None = None
     subset_file: str | None = None
+    val_size: int = 0  # training images held out (class-balanced, seeded) as a validation split; 0 = none
     sync_bn: bool = True  # global BatchNorm across processes
     checkpoint_every: int = 200  # steps
     log_every: int = 50  # steps
@@ -208,6 +209,8 @@ def validate(cfg: RunConfig) -> None:
         bad("epochs", f"must be at most {MAX_EPOCHS}, got {cfg.epochs}")
     if cfg.label_fraction is not None and not 0 < cfg.label_fraction <= 1:
         bad("label_fraction", f"must be in (0, 1], got {cfg.label_fraction}")
+    if cfg.val_size < 0:
+        bad("val_size", f"must be >= 0, got {cfg.val_size}")
     if cfg.labels_per_class is not None and cfg.labels_per_class < 1:
         bad("labels_per_class", f"must be >= 1, got {cfg.labels_per_class}")
     if cfg.epochs <= 0:

@@ -16,7 +16,7 @@ from simclrv2.data.sources import (
     load_dataset,
     subset,
 )
-from simclrv2.data.subsets import labeled_subset, read_subset_file, split_labeled, write_subset_file
+from simclrv2.data.subsets import labeled_subset, read_subset_file, split_labeled, validation_indices, write_subset_file
 
 __all__ = [
     "DATASETS",
@@ -36,5 +36,6 @@ __all__ = [
     "labeled_subset",
     "read_subset_file",
     "split_labeled",
+    "validation_indices",
     "write_subset_file",
 ]

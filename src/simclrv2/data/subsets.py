@@ -22,7 +22,7 @@ import numpy as np
 from simclrv2.data.sources import ImageDataset, hide_labels, subset
 from simclrv2.errors import ConfigError, DataError
 
-__all__ = ["labeled_subset", "split_labeled", "write_subset_file", "read_subset_file"]
+__all__ = ["labeled_subset", "split_labeled", "validation_indices", "write_subset_file", "read_subset_file"]
 
 
 class IdentifierError(DataError, ValueError):
@@ -42,13 +42,23 @@ def _check_counts(fraction, per_class) -> None:
 
 
 def labeled_subset(
-    labels: np.ndarray, fraction: float | None = None, per_class: int | None = None, seed: int = 0
+    labels: np.ndarray, fraction: float | None = None, per_class: int | None = None, seed: int = 0,
+    exclude: np.ndarray | None = None,
 ) -> np.ndarray:
     """Sorted int64 indices of a class-balanced labeled subset.
 
     Per class (labels >= 0; -1 = unknown is never chosen): ``floor(fraction * n_c + 0.5)``
     images (round half up, at least 1) or ``per_class`` images, picked by a seeded permutation.
+
+    ``exclude`` (indices, e.g. a validation split): never chosen; the counts stay those of the
+    whole class (1% of Fashion-MNIST is 60 a class with or without a held-out split), drawn by a
+    permutation over the class's remaining images. Without it the draw is unchanged.
     """
+    if exclude is not None and len(exclude):
+        labels = np.asarray(labels).astype(np.int64, copy=True)
+        full = labels.copy()
+        labels[np.asarray(exclude, dtype=np.int64)] = -1
+        return _labeled_subset_excluding(full, labels, fraction, per_class, seed)
     _check_counts(fraction, per_class)
     labels = np.asarray(labels)
     if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
@@ -74,19 +84,62 @@ def labeled_subset(
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+def _labeled_subset_excluding(full: np.ndarray, labels: np.ndarray, fraction, per_class, seed: int) -> np.ndarray:
+    """:func:`labeled_subset` with counts from ``full`` and candidates from ``labels`` (excluded: -1)."""
+    _check_counts(fraction, per_class)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(full[full >= 0]):
+        n_c = int((full == c).sum())
+        idx = np.flatnonzero(labels == c)
+        k = int(per_class) if per_class is not None else max(1, int(math.floor(float(fraction) * n_c + 0.5)))
+        if k > len(idx):
+            raise ConfigError(f"class {int(c)} needs {k} labeled images but only {len(idx)} are outside the validation split")
+        chosen.append(idx[rng.permutation(len(idx))[:k]])
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def validation_indices(labels: np.ndarray, size: int = 5000, seed: int = 0) -> np.ndarray:
+    """Sorted int64 indices of a class-balanced validation split of ``size`` training images.
+
+    Per class (labels >= 0, ascending), ``size`` is shared out in proportion to the class's count
+    (largest remainders first, ties to the lower class), and each class's images are picked by
+    ``permutation(n_c)`` from ``np.random.default_rng([seed, 0x7A1])`` -- a stream of its own, so
+    that it does not depend on, nor shift, the labeled subset drawn with ``seed``. Fashion-MNIST
+    (6,000 a class), ``size`` 5,000: 500 a class.
+    """
+    labels = np.asarray(labels).astype(np.int64, copy=False)
+    classes, counts = np.unique(labels[labels >= 0], return_counts=True)
+    if not 0 < size <= counts.sum():
+        raise ConfigError(f"validation size must be in 1..{int(counts.sum())}, got {size}")
+    share = size * counts / counts.sum()
+    k = np.floor(share).astype(np.int64)
+    for i in np.argsort(-(share - k), kind="stable")[: size - int(k.sum())]:
+        k[i] += 1
+    rng = np.random.default_rng([seed, 0x7A1])
+    chosen = [np.flatnonzero(labels == c)[rng.permutation(n)[:m]] for c, n, m in zip(classes, counts, k)]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
 def split_labeled(
     ds: ImageDataset,
     fraction: float | None = None,
     per_class: int | None = None,
     seed: int = 0,
     subset_file: str | os.PathLike | None = None,
+    exclude: np.ndarray | None = None,
 ) -> tuple[ImageDataset, ImageDataset]:
     """(labeled subset, unlabeled pool): the pool is the rest of ``ds`` with labels hidden (-1).
 
     With ``subset_file`` the labeled images are the ones listed there (fraction/per_class ignored).
+    ``exclude`` (a validation split's indices): never labeled (see :func:`labeled_subset`); those
+    images stay in the unlabeled pool, labels hidden.
     """
     if subset_file is not None:
         idx = read_subset_file(subset_file, ds)
+        if exclude is not None and np.isin(idx, exclude).any():
+            raise ConfigError(f"subset file {subset_file} lists {int(np.isin(idx, exclude).sum())} images of the "
+                              "validation split; use --val-size 0 with it or a file without them")
     else:
         _check_counts(fraction, per_class)
         labels = np.asarray(ds.labels, dtype=np.int64)
@@ -97,7 +150,7 @@ def split_labeled(
                 f"class '{empty[0]}' of {ds.name} {ds.split} has no labeled images, so it would get zero labels"
                 + (f" ({len(empty)} such classes)" if len(empty) > 1 else "")
             )
-        idx = labeled_subset(labels, fraction=fraction, per_class=per_class, seed=seed)
+        idx = labeled_subset(labels, fraction=fraction, per_class=per_class, seed=seed, exclude=exclude)
     mask = np.ones(len(ds), dtype=bool)
     mask[idx] = False
     rest = np.flatnonzero(mask)

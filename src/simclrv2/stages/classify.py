@@ -85,6 +85,9 @@ def _train_classifier(stage: str, cfg: RunConfig, model: Classifier, data, rt: R
     result: dict[str, Any] = {"stage": stage, "params": count_params(model), "seconds": fitted.seconds,
                               "label_fraction": label_fraction, "labeled_images": len(data.labeled)}
     result.update(evaluate_classifier(model, data.test, rt, data.image_size, cfg.eval_batch_size, cfg.workers))
+    if data.val is not None:  # the split settings are chosen on (RESULTS.md: validation split)
+        val = evaluate_classifier(model, data.val, rt, data.image_size, cfg.eval_batch_size, cfg.workers)
+        result.update({f"val_{k}": v for k, v in val.items()}, val_images=len(data.val))
     finish(out, rt, result)
     log_result(stage, result)
     return result

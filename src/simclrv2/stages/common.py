@@ -12,7 +12,8 @@ from torch import nn
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.config import RunConfig
-from simclrv2.data import ImageDataset, ImageFolderDataset, concat, load_dataset, split_labeled, write_subset_file
+from simclrv2.data import (ImageDataset, ImageFolderDataset, concat, hide_labels, load_dataset, split_labeled, subset,
+                           validation_indices, write_subset_file)
 from simclrv2.data.augment import EvalTransform
 from simclrv2.data.image_check import unreadable_images
 from simclrv2.distributed import broadcast_object
@@ -31,6 +32,7 @@ class Data:
     image_size: int
     channels: int
     classes: list[str]
+    val: ImageDataset | None = None  # the validation split (--val-size), labels intact; its images are in the pool
 
     @property
     def small_images(self) -> bool:
@@ -53,11 +55,16 @@ def prepare_data(cfg: RunConfig, out_dir: Path | None = None, with_unlabeled_spl
         except DataError:
             pass  # this dataset has no separate unlabeled split
     check_images([d for d in (train, test, extra) if d is not None], cfg)
+    val_idx = validation_indices(train.labels, cfg.val_size, cfg.seed) if cfg.val_size else None
     if cfg.label_fraction == 1.0 and cfg.labels_per_class is None and cfg.subset_file is None:
-        labeled, unlabeled = train, None
+        if val_idx is None:
+            labeled, unlabeled = train, None
+        else:  # every label but the validation split's; its images stay in the pool, labels hidden
+            labeled = subset(train, np.setdiff1d(np.arange(len(train)), val_idx))
+            unlabeled = hide_labels(subset(train, val_idx))
     else:
         fraction = None if cfg.labels_per_class is not None else cfg.label_fraction  # a count overrides the fraction
-        labeled, unlabeled = split_labeled(train, fraction, cfg.labels_per_class, cfg.seed, cfg.subset_file)
+        labeled, unlabeled = split_labeled(train, fraction, cfg.labels_per_class, cfg.seed, cfg.subset_file, val_idx)
     if cfg.subset_file is not None:
         _require_every_class(labeled, f"subset file {cfg.subset_file}")
     pools = [unlabeled] if unlabeled is not None and len(unlabeled) else []
@@ -69,7 +76,10 @@ def prepare_data(cfg: RunConfig, out_dir: Path | None = None, with_unlabeled_spl
     size = cfg.image_size or train.image_size
     if size is None:
         raise DataError(f"{cfg.dataset}: images have no fixed size; pass --image-size")
-    return Data(train, test, labeled, unl, int(size), train.channels, list(train.classes))
+    if out_dir is not None and val_idx is not None:
+        write_subset_file(Path(out_dir) / "validation_split.txt", [train.ids[i] for i in val_idx])
+    val = subset(train, val_idx) if val_idx is not None else None
+    return Data(train, test, labeled, unl, int(size), train.channels, list(train.classes), val)
 
 
 def _require_every_class(labeled: ImageDataset, source: str) -> None:
