@@ -10,7 +10,6 @@ has the EMA memory queue on, so the EMA weights and the queue must survive the k
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -24,7 +23,7 @@ import pytest
 import torch
 
 from simclrv2 import checkpoint as ckpt
-from test_reliability import run
+from test_reliability import metrics, run
 
 COMMON = ["--dataset", "digits", "--depth", "18", "--width", "0.0625", "--precision", "fp32", "--epochs", "1",
           "--checkpoint-every", "1", "--log-every", "1"]
@@ -42,20 +41,6 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # the same ari
 def start(args: list[str], out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "simclrv2", "-q", *args, "--out", str(out)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def metrics(out: Path) -> list[dict]:
-    try:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    rows = []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            break
-    return rows
 
 
 @pytest.fixture

@@ -657,22 +657,29 @@ def _launch(args: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _fresh_rows(out: Path, since_ns: int) -> list[dict]:
-    """metrics.jsonl rows, once this launch has (re)written the file (before, they are the killed run's)."""
-    f = out / "metrics.jsonl"
+def metrics(out: Path) -> list[dict]:
+    """The rows of OUT/metrics.jsonl written so far (a line being written ends them)."""
     try:
-        if f.stat().st_mtime_ns < since_ns:
-            return []
-        lines = f.read_text().splitlines()
+        lines = (out / "metrics.jsonl").read_text().splitlines()
     except FileNotFoundError:
         return []
-    found = []
+    rows = []
     for line in lines:
         try:
-            found.append(json.loads(line))
+            rows.append(json.loads(line))
         except json.JSONDecodeError:
             break
-    return found
+    return rows
+
+
+def _fresh_rows(out: Path, since_ns: int) -> list[dict]:
+    """metrics.jsonl rows, once this launch has (re)written the file (before, they are the killed run's)."""
+    try:
+        if (out / "metrics.jsonl").stat().st_mtime_ns < since_ns:
+            return []
+    except FileNotFoundError:
+        return []
+    return metrics(out)
 
 
 def _kill_when(p: subprocess.Popen, ready, delay: float) -> bool:

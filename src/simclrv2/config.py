@@ -17,6 +17,8 @@ import yaml
 
 from simclrv2.errors import ConfigError
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DIST_TIMEOUT_S = 1800.0  # default process-group timeout; every collective of ours is shorter (data/image_check.py)
 MAX_EPOCHS = 100_000  # sanity bounds: values past these are typing mistakes, not experiments
 MAX_WIDTH = 16
 
@@ -38,7 +40,7 @@ class RunConfig:
     workers: int = 2  # decode workers for on-disk image folders
     skip_bad_images: bool = False  # image folders: skip unreadable files (logged) instead of stopping
     check_images: bool = True  # image folders: decode every image before training (cached per file)
-    dist_timeout: float = 1800.0  # seconds a collective may wait under torchrun before the run fails
+    dist_timeout: float = DIST_TIMEOUT_S  # seconds a collective may wait under torchrun before the run fails
     resume: bool = False  # continue the run in OUT even where its options differ (one with equal options always is)
     restart: bool = False  # replace the run in OUT (finished or not) with a new one
     allow_unverified: bool = False  # load input checkpoints that have no checksum (with a warning)
@@ -223,8 +225,8 @@ def validate(cfg: RunConfig) -> None:
         bad("lr_scaling", f"must be sqrt, linear or none, got {cfg.lr_scaling!r}")
     if cfg.optimizer not in ("lars", "sgd"):
         bad("optimizer", f"must be lars or sgd, got {cfg.optimizer!r}")
-    if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
-        bad("precision", f"must be auto, bf16, fp16 or fp32, got {cfg.precision!r}")
+    if cfg.precision not in PRECISIONS:
+        bad("precision", f"must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, got {cfg.precision!r}")
     if not 0 < cfg.dist_timeout <= 7 * 86400:
         bad("dist_timeout", f"must be between 0 and 604800 seconds, got {cfg.dist_timeout}")
     if not 0 <= cfg.warmup_fraction < 1:

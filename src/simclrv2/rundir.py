@@ -46,9 +46,9 @@ IGNORED_OPTIONS = frozenset({"out", "device", "workers", "log_every", "checkpoin
                              "activation_checkpointing"})
 PATH_OPTIONS = frozenset({"data_dir", "subset_file", "pretrained", "teacher", "init_from"})
 # what a stage writes in OUT (a failed start removes the ones it created)
-RUN_FILES = ("config.yaml", "labeled_subset.txt", "image_check.json", "metrics.jsonl", "metrics.csv", "tensorboard",
+RUN_FILES = ("config.yaml", "labeled_subset.txt", "validation_split.txt", "metrics.jsonl", "metrics.csv", "tensorboard",
              "last.safetensors", "last.json", "final.safetensors", "final.json")
-_RESTORED = ("config.yaml", "labeled_subset.txt", "image_check.json")  # small files a start may rewrite
+_RESTORED = ("config.yaml", "labeled_subset.txt", "validation_split.txt")  # small files a start may rewrite
 
 
 # ------------------------------------------------------------------ the lock

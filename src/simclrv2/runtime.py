@@ -13,6 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from simclrv2.config import DIST_TIMEOUT_S, PRECISIONS
 from simclrv2.errors import ConfigError
 
 log = logging.getLogger("simclrv2")
@@ -35,10 +36,6 @@ def setup_logging(verbosity: int = 0) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.propagate = False
-
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-DIST_TIMEOUT_S = 1800.0  # default process-group timeout; every collective of ours is shorter (see check_images)
 
 
 @dataclass

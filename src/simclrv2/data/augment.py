@@ -64,6 +64,7 @@ interpolation; bilinear is used here for both training and evaluation views.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -98,7 +99,6 @@ def _outside_autocast(method):
     model's autocast region; there the luma matmul and the blur convolution would return bf16/fp16
     while the rest of the batch is float32 (``index_copy_`` then fails, and views would lose
     precision). Views are computed in float32 whatever the caller's autocast state."""
-    import functools
 
     @functools.wraps(method)
     def wrapper(self, images, *args, **kwargs):

@@ -173,7 +173,7 @@ def unreadable_images(ds, workers: int) -> tuple[list[tuple[str, str]], dict[str
                     loader = None
             bad.extend((i, r) for i, _, _, r in rows if r)
             named = [(ds.ids[i], s, m, r) for i, s, m, r in rows]
-            gathered = all_gather_objects(named) if size > 1 else [named]
+            gathered = all_gather_objects(named)
             done += sum(len(g) for g in gathered)
             if writer is not None:
                 for g in gathered:
@@ -186,6 +186,6 @@ def unreadable_images(ds, workers: int) -> tuple[list[tuple[str, str]], dict[str
     finally:
         if writer is not None:
             writer.close()
-    everyone = all_gather_objects(bad) if size > 1 else [bad]
+    everyone = all_gather_objects(bad)
     merged = sorted((i, r) for part in everyone for i, r in part)
     return [(ds.ids[i], r) for i, r in merged], counts

@@ -6,7 +6,6 @@ distillation loss against a fixed teacher that sees the same view (docs/method.m
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from simclrv2.models import Classifier, build_model, count_params, model_spec, s
 from simclrv2.rundir import StageRun
 from simclrv2.runtime import Runtime, init_runtime, log
 from simclrv2.stages.common import (
-    check_compatible, evaluate_classifier, finish, load_model, log_result, prepare_data, require, to_device,
+    check_compatible, evaluate_classifier, finish, load_model, log_result, prepare_data, stage_function, to_device,
 )
 
 
@@ -101,25 +100,6 @@ def _label_fraction(cfg: RunConfig, data) -> float:
     return len(data.labeled) / len(data.train) if cfg.subset_file or cfg.labels_per_class else cfg.label_fraction
 
 
-def _stage(stage: str, *required: str):
-    """The stage function around ``body(cfg, rt, run)``: required options, then the run directory
-    (:class:`simclrv2.rundir.StageRun`: lock, reuse / continue / fresh, clean-up of a failed start)."""
-    def wrap(body):
-        @functools.wraps(body)
-        def stage_fn(cfg, rt: Runtime | None = None) -> dict[str, Any]:
-            require(cfg.out, "out", stage)
-            for option in required:
-                require(getattr(cfg, option), option, stage)
-            with StageRun(stage, cfg, rt) as run:
-                if run.reused:
-                    return run.decision.result
-                torch.manual_seed(cfg.seed)
-                return body(cfg, run.rt, run)
-        del stage_fn.__wrapped__  # its signature is (cfg, rt=None), not the body's
-        return stage_fn
-    return wrap
-
-
 def _classes_needed(stage: str, cfg: RunConfig, data, train_set) -> None:
     """Classification needs two classes, and a training set of at least one batch: say what is missing."""
     if len(data.classes) < 2:
@@ -134,7 +114,7 @@ def _classes_needed(stage: str, cfg: RunConfig, data, train_set) -> None:
                           f"images (--label-fraction, --labels-per-class) or use --batch-size {len(train_set)} or less")
 
 
-@_stage("finetune", "pretrained")
+@stage_function("finetune", "pretrained")
 def finetune(cfg: FinetuneConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     """Fine-tune a pretrained encoder + head up to layer k + linear classifier on the labeled subset."""
     out = run.out
@@ -150,7 +130,7 @@ def finetune(cfg: FinetuneConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     return _train_classifier("finetune", cfg, model, data, rt, data.labeled, out, meta, fraction, run)
 
 
-@_stage("supervised")
+@stage_function("supervised")
 def supervised(cfg: SupervisedConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     """The baseline: the same encoder + linear classifier trained from scratch on the labeled subset."""
     out = run.out
@@ -163,7 +143,7 @@ def supervised(cfg: SupervisedConfig, rt: Runtime, run: StageRun) -> dict[str, A
                              _label_fraction(cfg, data), run)
 
 
-@_stage("linear_eval", "pretrained")
+@stage_function("linear_eval", "pretrained")
 def linear_eval(cfg: LinearEvalConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     """Linear classifier on a frozen pretrained encoder (BN statistics frozen too)."""
     out = run.out
@@ -178,7 +158,7 @@ def linear_eval(cfg: LinearEvalConfig, rt: Runtime, run: StageRun) -> dict[str, 
                              run, frozen_encoder=True)
 
 
-@_stage("distill", "teacher")
+@stage_function("distill", "teacher")
 def distill(cfg: DistillConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     """Distil a fixed fine-tuned teacher into a student on all training images (labeled + unlabeled)."""
     out = run.out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from simclrv2.distributed import broadcast_object
 from simclrv2.engine import predict, topk_accuracy
 from simclrv2.errors import CheckpointError, ConfigError, DataError
 from simclrv2.models import build_model
+from simclrv2.rundir import StageRun
 from simclrv2.runtime import Runtime, log
 
 
@@ -200,6 +202,26 @@ def require(value: Any, option: str, stage: str) -> None:
         raise ConfigError(f"{stage}: --{option} is required")
 
 
+def stage_function(stage: str, *required: str):
+    """Makes ``body(cfg, rt, run)`` a stage function ``(cfg, rt=None) -> result``: required options
+    checked, then the run directory (:class:`simclrv2.rundir.StageRun`: lock, reuse / continue /
+    fresh, clean-up of a failed start), the seed, and the body."""
+    def wrap(body):
+        @functools.wraps(body)
+        def stage_fn(cfg, rt: Runtime | None = None) -> dict[str, Any]:
+            require(cfg.out, "out", stage)
+            for option in required:
+                require(getattr(cfg, option), option, stage)
+            with StageRun(stage, cfg, rt) as run:
+                if run.reused:
+                    return run.decision.result
+                torch.manual_seed(cfg.seed)
+                return body(cfg, run.rt, run)
+        del stage_fn.__wrapped__  # its signature is (cfg, rt=None), not the body's
+        return stage_fn
+    return wrap
+
+
 def log_result(stage: str, result: dict[str, Any]) -> None:
     parts = [f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items() if k in ("top1", "top5", "knn", "seconds")]
     log.info(f"{stage}: " + " ".join(parts))
@@ -227,8 +249,8 @@ def _check_cpu_channels_last(model: nn.Module) -> None:
 def finish(out: Path, rt: Runtime, result: dict[str, Any]) -> None:
     """Store the stage result in final.json/final.safetensors metadata (rewritten atomically).
 
-    Under torchrun only rank 0 (which alone evaluated) writes, and ``result`` is replaced in
-    place by rank 0's on every rank, so that every process returns the same result.
+    Under torchrun only rank 0 writes, and ``result`` is replaced in place by rank 0's on every
+    rank (the accuracies agree already; the timings differ), so that every process returns the same result.
     """
     if rt.is_main:
         tensors, meta = ckpt.load_checkpoint(out / "final.safetensors")

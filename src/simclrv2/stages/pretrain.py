@@ -17,7 +17,7 @@ from simclrv2.losses import NTXentLoss, gather_with_grad
 from simclrv2.models import SimCLRModel, build_model, count_params, model_spec, set_activation_checkpointing
 from simclrv2.rundir import StageRun
 from simclrv2.runtime import Runtime
-from simclrv2.stages.common import Data, finish, log_result, prepare_data, require, to_device
+from simclrv2.stages.common import Data, finish, log_result, prepare_data, stage_function, to_device
 
 
 class ContrastiveTask(Task):
@@ -145,17 +145,9 @@ def knn_eval(encoder, data: Data, rt: Runtime, k: int = 200, train_size: int = 1
     return knn_accuracy(tr, ytr, te, yte, k=k, num_classes=len(data.classes))
 
 
-def pretrain(cfg: PretrainConfig, rt: Runtime | None = None) -> dict[str, Any]:
+@stage_function("pretrain")
+def pretrain(cfg: PretrainConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     """Pretrain a SimCLRv2 encoder + head on all training images; returns the stage's result."""
-    require(cfg.out, "out", "pretrain")
-    with StageRun("pretrain", cfg, rt) as run:
-        if run.reused:
-            return run.decision.result
-        torch.manual_seed(cfg.seed)
-        return _pretrain(cfg, run.rt, run)
-
-
-def _pretrain(cfg: PretrainConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     out = run.out
     data = prepare_data(cfg, out if rt.is_main else None)
     spec = model_spec("simclr", depth=cfg.depth, width=cfg.width, sk=cfg.sk, small_images=data.small_images,
