@@ -25,6 +25,7 @@ from simclrv2.data import (
     load_dataset,
     subset,
 )
+from simclrv2.data.batch import ImageBatch, collate_images
 from simclrv2.errors import ConfigError, DataError, UserError
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -351,25 +352,36 @@ def test_imagefolder_reads_all_modes(tmp_path):
     pix = {}
     for i in range(len(ds)):
         img, label = ds[i]
-        assert img.shape == (3, 16, 16) and img.dtype == torch.uint8 and label == ds.labels[i]
+        assert img.dim() == 3 and img.shape[0] == 3 and img.dtype == torch.uint8 and label == ds.labels[i]
         pix[ds.ids[i].rsplit("/", 1)[1]] = img
-    # 40x20 red|blue -> shorter side 16 (32x16) -> centre crop columns 8..24: left half red, right half blue
-    assert pix["a_rgb.png"][:, 8, 2].tolist() == [255, 0, 0]
-    assert pix["a_rgb.png"][:, 8, 13].tolist() == [0, 0, 255]
+    # whole images, aspect ratio kept, shorter side reduced to at most 2 x 16 = 32 px (never enlarged)
+    sizes = {k: tuple(v.shape[1:]) for k, v in pix.items()}
+    assert sizes == {"a_rgb.png": (20, 40), "b.jpg": (32, 32), "c_rgba.png": (23, 17), "d.webp": (30, 30),
+                     "e_pal.gif": (21, 33), "f_gray.bmp": (16, 16), "g_16bit.PNG": (24, 18), "h.TIFF": (20, 20),
+                     "i_int.tif": (19, 19)}
+    # 40x20 red|blue, whole: left half red, right half blue, to the border
+    assert pix["a_rgb.png"][:, 10, 0].tolist() == [255, 0, 0] and pix["a_rgb.png"][:, 10, 19].tolist() == [255, 0, 0]
+    assert pix["a_rgb.png"][:, 10, 20].tolist() == [0, 0, 255] and pix["a_rgb.png"][:, 10, 39].tolist() == [0, 0, 255]
     assert (pix["b.jpg"][1].float().mean() - 200).abs() < 3 and pix["b.jpg"][0].max() < 10
     assert pix["c_rgba.png"][:, 5, 5].tolist() == [10, 20, 30]
     assert pix["e_pal.gif"][:, 3, 3].tolist() == [250, 100, 50]
     assert pix["f_gray.bmp"][:, 0, 0].tolist() == [77, 77, 77]
-    assert pix["g_16bit.PNG"][:, 4, 4].tolist() == [156, 156, 156]  # 40000 / 257, not clipped to 255
+    assert pix["g_16bit.PNG"][:, 4, 4].tolist() == [156, 156, 156]  # 40000 / 257 (16 bits), not clipped to 255
     assert pix["h.TIFF"][:, 0, 0].tolist() == [255, 255, 255]
     assert pix["i_int.tif"][:, 0, 0].tolist() == [255, 255, 255]
     xb, yb = ds.get_batch([6, 0])
-    assert xb.shape == (2, 3, 16, 16) and yb.tolist() == [1, 0] and torch.equal(xb[0], pix["g_16bit.PNG"])
+    assert isinstance(xb, ImageBatch) and xb.shape == (2, 3, 24, 40) and yb.tolist() == [1, 0]
+    assert xb.sizes.tolist() == [[24, 18], [20, 40]]
+    assert torch.equal(xb.image(0), pix["g_16bit.PNG"]) and torch.equal(xb.image(1), pix["a_rgb.png"])
     assert ds.verify() == []
+    ds.configure(bit_depth=16, channels=1)  # the same 16-bit image, gray, and read as 12-bit
+    assert ds[6][0].shape == (1, 24, 18) and ds[6][0][0, 4, 4] == 156 and ds[0][0].shape == (1, 20, 40)
+    ds.configure(bit_depth=12)
+    assert ds[6][0][0, 4, 4] == 255  # 40000 > 4095: clipped
 
     te = load_dataset("imagefolder", "test", data_dir=tmp_path, image_size=16)
     assert te.ids == ["val/cat/v1.jpeg", "val/dog/v2.png"] and te.labels.tolist() == [0, 1] and te.classes == ds.classes
-    assert te[1][0][:, 8, 8].tolist() == [200, 200, 200]
+    assert te[1][0][:, 8, 8].tolist() == [200, 200, 200] and te[0][0].shape == (3, 32, 43)  # 64x48 -> 43x32
     un = load_dataset("imagefolder", "unlabeled", data_dir=tmp_path, image_size=16)
     assert un.ids == ["unlabeled/sub/u2.jpg", "unlabeled/u1.png"] and un.labels.tolist() == [-1, -1]
     assert un.classes == ["cat", "dog"]
@@ -385,9 +397,11 @@ def test_imagefolder_test_dir_and_dataloader(tmp_path):
     ds = load_dataset("imagefolder", "train", data_dir=tmp_path, image_size=8)
     clone = pickle.loads(pickle.dumps(ds))
     assert clone.ids == ds.ids and torch.equal(clone[3][0], ds[3][0])
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, shuffle=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, shuffle=False, collate_fn=collate_images)
     xs, ys = zip(*loader)
-    assert torch.cat(xs).shape == (9, 3, 8, 8) and torch.cat(ys).tolist() == ds.labels.tolist()
+    assert [x.image(i).shape for x in xs for i in range(len(x))] == [ds[i][0].shape for i in range(len(ds))]
+    assert all(torch.equal(x.image(i), ds[4 * k + i][0]) for k, x in enumerate(xs) for i in range(len(x)))
+    assert torch.cat(ys).tolist() == ds.labels.tolist()
 
 
 def test_imagefolder_errors(tmp_path):
@@ -487,8 +501,9 @@ def test_views_of_lazy_datasets(tmp_path):
     c = concat([h, un, mem])
     assert isinstance(c, ConcatImageDataset) and len(c) == 6 and not c.in_memory
     x, y = c.get_batch([5, 0, 3])
-    assert x.shape == (3, 3, 8, 8) and y.tolist() == [1, -1, -1]
-    assert torch.equal(x[0], mem.images[1]) and torch.equal(x[1], ds[6][0]) and torch.equal(x[2], un[1][0])
+    assert isinstance(x, ImageBatch) and len(x) == 3 and y.tolist() == [1, -1, -1]
+    assert torch.equal(x.image(0), mem.images[1]) and torch.equal(x.image(1), ds[6][0])
+    assert torch.equal(x.image(2), un[1][0])
     assert c.ids[2] == "unlabeled/sub/u2.jpg"
     with pytest.raises(DataError):
         concat([ds, load_dataset("imagefolder", data_dir=tmp_path, image_size=16)])

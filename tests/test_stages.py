@@ -222,6 +222,13 @@ def test_wrong_checkpoint_kind_is_a_clear_error(tiny_pretrained, tmp_path):
         finetune(make_config("finetune", out=str(tmp_path), pretrained=str(tmp_path / "nope.safetensors"), **TINY))
 
 
-def test_batch_larger_than_dataset(tmp_path):
-    with pytest.raises(ConfigError, match="larger than"):
-        supervised(make_config("supervised", out=str(tmp_path), depth=18, width=0.0625, batch_size=1000, **TINY))
+def test_batch_larger_than_dataset_is_capped(tmp_path, caplog):
+    """144 labelled digits and --batch-size 1000: batches of all 144 (the lr scaled for 144), at least --min-steps."""
+    with caplog.at_level("INFO", logger="simclrv2"):
+        result = supervised(make_config("supervised", out=str(tmp_path), depth=18, width=0.0625, batch_size=1000,
+                                        epochs=1, min_steps=3, **TINY))
+    assert "--batch-size 1000 is more than the 144 training images: batches of 144" in caplog.text
+    meta = ckpt.read_meta(tmp_path / "final.safetensors")
+    assert (meta["steps_per_epoch"], meta["total_steps"], result["labeled_images"]) == (1, 3, 144)
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["lr"] == pytest.approx(0.1 * 144 / 256)  # the first step's: the peak for a batch of 144

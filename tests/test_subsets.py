@@ -150,7 +150,7 @@ def test_split_labeled_full_and_lazy(tmp_path):
     assert isinstance(lab, SubsetDataset) and len(lab) == 2 and len(pool) == 4
     assert sorted(lab.labels.tolist()) == [0, 1] and pool.labels.tolist() == [-1] * 4
     x, y = pool.get_batch([0, 3])
-    assert x.shape == (2, 3, 4, 4) and y.tolist() == [-1, -1]
+    assert x.shape == (2, 3, 6, 6) and x.sizes.tolist() == [[6, 6]] * 2 and y.tolist() == [-1, -1]  # whole images
 
 
 def test_subset_file_round_trip(tmp_path, fashion):

@@ -11,7 +11,10 @@ The command line and Python share names and defaults: every ``simclrv2 COMMAND -
     simclrv2.embed("runs/ft", ["photos/"], out="feats.npy")["features"]
 
 Stage functions take ``preset=`` (a shipped preset name, a YAML file or a dict) plus any option of
-the stage's config (:mod:`simclrv2.config`); explicit options win over the preset. Nothing heavy
+the stage's config (:mod:`simclrv2.config`); explicit options win over the preset. They (and
+``pipeline``) also take ``view_transforms=[fn, ...]``: callables ``fn(views, generator) -> views``
+added to the training views (:mod:`simclrv2.data.augment`; e.g. ``rotations_and_flips``). They are
+not options: a run continued later must be given the same ones. Nothing heavy
 (torch, the models) is imported until a function is called; submodules (``simclrv2.models``,
 ``simclrv2.data``, ...) import on first access.
 """
@@ -37,9 +40,13 @@ _SUBMODULES = {"checkpoint", "cli", "config", "data", "distributed", "engine", "
 def _stage(stage: str, preset: str | dict | None, options: dict[str, Any]) -> dict[str, Any]:
     from simclrv2 import stages
     from simclrv2.config import load_preset, make_config
+    from simclrv2.data.augment import view_transforms
 
+    extra = options.pop("view_transforms", None) or ()
     values = preset if isinstance(preset, dict) else load_preset(preset)
-    return getattr(stages, stage)(make_config(stage, values, **options))
+    cfg = make_config(stage, values, **options)
+    with view_transforms(extra):
+        return getattr(stages, stage)(cfg)
 
 
 def pretrain(preset: str | dict | None = None, **options: Any) -> dict[str, Any]:
@@ -77,11 +84,15 @@ def evaluate(checkpoint: str, dataset: str | None = None, data_dir: str | None =
 
 def pipeline(preset: str = "cpu-demo", out: str = "", dataset: str | None = None, data_dir: str | None = None,
              label_fractions: list[float] | None = None, overrides: dict[str, Any] | list[str] | None = None,
-             device: str | None = None) -> dict[str, Any]:
+             device: str | None = None, unlabeled_dir: str | None = None, labeled_dir: str | None = None,
+             test_dir: str | None = None, view_transforms=None) -> dict[str, Any]:
     """The whole recipe for each label fraction, with a report (``simclrv2 pipeline``).
 
     ``overrides``: ``{"pretrain": {"epochs": 5}, "seed": 1}`` or the CLI's ``["pretrain.epochs=5", "seed=1"]``.
+    ``unlabeled_dir`` / ``labeled_dir`` / ``test_dir``: your own image folders (README "Your own images").
+    ``view_transforms``: added to every stage's training views (see the module docstring).
     """
+    from simclrv2.data.augment import view_transforms as _view_transforms
     from simclrv2.errors import ConfigError
     from simclrv2.pipeline import parse_overrides, run_pipeline
 
@@ -89,8 +100,10 @@ def pipeline(preset: str = "cpu-demo", out: str = "", dataset: str | None = None
         raise ConfigError("pipeline: out= is required")
     if isinstance(overrides, (list, tuple)):
         overrides = parse_overrides(list(overrides))
-    return run_pipeline(preset, out, dataset=dataset, data_dir=data_dir, label_fractions=label_fractions,
-                        overrides=overrides, device=device)
+    with _view_transforms(view_transforms or ()):
+        return run_pipeline(preset, out, dataset=dataset, data_dir=data_dir, label_fractions=label_fractions,
+                            overrides=overrides, device=device, unlabeled_dir=unlabeled_dir, labeled_dir=labeled_dir,
+                            test_dir=test_dir)
 
 
 def embed(checkpoint: str, images, out: str | None = None, head_layer: int | None = None, batch_size: int = 256,

@@ -15,15 +15,40 @@ import sys
 from typing import Any, Sequence
 
 from simclrv2 import __version__
-from simclrv2.config import STAGE_CONFIGS, load_preset, make_config, preset_names
+from simclrv2.config import BIT_DEPTH_CHOICES, FEATURE_NORMS, STAGE_CONFIGS, STEMS, load_preset, make_config, preset_names
 from simclrv2.errors import UserError
 
 HELP = {
     "out": "output directory of the stage (checkpoints, config, metrics)",
-    "dataset": "fashion-mnist | digits | cifar10 | cifar100 | stl10 | imagefolder",
+    "dataset": "fashion-mnist | digits | cifar10 | cifar100 | stl10 | imagefolder (with --data-dir ROOT: "
+               "ROOT/train/CLASS/*, ROOT/val/CLASS/*, ROOT/unlabeled/*; implied by --unlabeled-dir / --labeled-dir / "
+               "--test-dir)",
     "data_dir": "dataset location (required except for fashion-mnist and digits)",
-    "image_size": "side of the training images (default: the dataset's own)",
-    "label_fraction": "fraction of labeled training images per class, e.g. 0.01 or 0.1",
+    "image_size": "side of the training views in pixels (default: the dataset's own; image folders: 224 with "
+                  "--data-dir, else the images' median shorter side rounded to a multiple of 8, within 32..224)",
+    "unlabeled_dir": "your own unlabeled images: a folder of image files, any nesting (subfolders are not classes); "
+                     "used by pretrain and distill; implies --dataset imagefolder",
+    "labeled_dir": "your own labelled images: DIR/CLASS/* (any nesting below each class folder); the labelled set, "
+                   "all of it unless --label-fraction / --labels-per-class asks for less; implies --dataset imagefolder",
+    "test_dir": "your own held-out labelled images: DIR/CLASS/*, the same classes; the test accuracy and the kNN "
+                "monitor (none without it)",
+    "bit_depth": "image folders: how integer images of more than 8 bits (16-bit PNG/TIFF) are scaled to 0..1: "
+                 "value / (2**BITS - 1); auto = the fewest of 8, 10, 12, 14, 16 bits holding the largest value found "
+                 "by the image check (16 with --no-check-images)",
+    "decode_scale": "image folders: images are decoded whole with their shorter side reduced to at most this many "
+                    "times --image-size (aspect ratio kept; smaller images are not enlarged); random crops are cut "
+                    "from that, as in the paper",
+    "image_cache_gb": "image folders: decode every image once and keep it in memory when all of them take at most "
+                      "this many GB (per process); 0 = decode from disk every epoch",
+    "stem": "ResNet stem: small (3x3 stride-1 convolution, no max pool; for small images) | imagenet (7x7 stride-2 "
+            "convolution + max pool) | auto (small at <= 32 px); recorded in the model",
+    "feature_norm": "linear evaluation: read the frozen features through a BatchNorm without affine parameters: on | "
+                    "off | auto (on when the features are so large that the learning rate would be unstable: "
+                    "lr x mean squared feature norm / classes > 1)",
+    "min_steps": "train at least this many optimiser steps (epochs are raised on a small labelled set; the built-in "
+                 "presets train longer already); 0 = exactly --epochs",
+    "label_fraction": "fraction of labeled training images per class, e.g. 0.01 or 0.1 (--labeled-dir: default 1, "
+                      "all of them)",
     "labels_per_class": "number of labeled images per class (instead of --label-fraction)",
     "subset_file": "text file of labeled image identifiers, one per line (like ImageNet's 1percent.txt)",
     "val_size": "training images held out as a class-balanced, seeded validation split (never labeled for "
@@ -52,6 +77,7 @@ HELP = {
 }
 
 _TYPES = {"int": int, "float": float, "str": str}
+CHOICES = {"bit_depth": BIT_DEPTH_CHOICES, "stem": STEMS, "feature_norm": FEATURE_NORMS}  # str options with a fixed set of values
 
 
 def _add_config_options(parser: argparse.ArgumentParser, cls) -> None:
@@ -64,6 +90,8 @@ def _add_config_options(parser: argparse.ArgumentParser, cls) -> None:
         help_ = f"{help_} (default: {default})" if help_ else f"default: {default}"
         if base == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif f.name in CHOICES:
+            parser.add_argument(flag, dest=f.name, choices=CHOICES[f.name], default=None, help=help_)
         else:
             parser.add_argument(flag, dest=f.name, type=_TYPES[base], default=None, help=help_, metavar=base.upper())
 
@@ -118,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.OPTION=VALUE",
                    help="override a preset value, e.g. --set pretrain.epochs=5 or --set seed=1 (repeatable)")
     p.add_argument("--device", default=None)
+    for name in ("unlabeled_dir", "labeled_dir", "test_dir"):
+        p.add_argument("--" + name.replace("_", "-"), default=None, metavar="DIR", help=HELP[name])
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
                    help="run only these of supervised, pretrain, linear_eval, finetune, distill (default: all); "
                         "e.g. the supervised baselines in a second process while the first pretrains, same --out")
@@ -305,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 result = run_pipeline(args.preset, args.out, dataset=args.dataset, data_dir=args.data_dir,
                                       label_fractions=args.label_fractions, overrides=parse_overrides(args.overrides),
-                                      device=args.device, stages=args.stages)
+                                      device=args.device, stages=args.stages, unlabeled_dir=args.unlabeled_dir,
+                                      labeled_dir=args.labeled_dir, test_dir=args.test_dir)
             else:
                 result = _run_stage(args)
             print(json.dumps(result, indent=2, default=str))

@@ -18,6 +18,11 @@ import yaml
 from simclrv2.errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+BIT_DEPTH_CHOICES = ("auto", "8", "10", "12", "14", "16")
+STEMS = ("auto", "small", "imagenet")
+FEATURE_NORMS = ("auto", "on", "off")
+FOLDER_OPTIONS = ("unlabeled_dir", "labeled_dir", "test_dir")  # your own images (data/folders.py)
+MIN_STEPS = 150  # classifier stages train at least this many optimiser steps (docs/method.md §4, README: schedules)
 DIST_TIMEOUT_S = 1800.0  # default process-group timeout; every collective of ours is shorter (data/image_check.py)
 MAX_EPOCHS = 100_000  # sanity bounds: values past these are typing mistakes, not experiments
 MAX_WIDTH = 16
@@ -29,7 +34,13 @@ class RunConfig:
     out: str = ""
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
-    image_size: int | None = None  # None: the dataset's native size
+    unlabeled_dir: str | None = None  # your own images: a plain folder, any nesting (data/folders.py)
+    labeled_dir: str | None = None  # your own labelled images: DIR/CLASS/*, all labels used by default
+    test_dir: str | None = None  # your own held-out labelled images: DIR/CLASS/*
+    image_size: int | None = None  # None: the dataset's native size (image folders: data/folders.py)
+    bit_depth: str = "auto"  # image folders: bits of >8-bit images (auto | 8 | 10 | 12 | 14 | 16)
+    decode_scale: float = 2.0  # image folders: decoded shorter side, as a multiple of image_size
+    image_cache_gb: float = 2.0  # image folders: keep the decoded images in memory when they fit (per process)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 where native) | bf16 | fp16 (CUDA, with loss scaling) | fp32
@@ -72,6 +83,7 @@ class PretrainConfig(RunConfig):
     depth: int = 50
     width: float = 1.0
     sk: bool = False
+    stem: str = "auto"  # auto (small at <= 32 px) | small (3x3 stride 1, no max pool) | imagenet (7x7/2 + max pool)
     head_layers: int = 3
     proj_dim: int = 128
     temperature: float = 0.1
@@ -99,6 +111,7 @@ class FinetuneConfig(RunConfig):
     weight_decay: float = 0.0
     crop_min: float = 0.08
     pad_crop: int = 0  # > 0: pad-and-crop instead of a resized crop (CIFAR-style)
+    min_steps: int = MIN_STEPS  # at least this many optimiser steps (more epochs on a small labelled set)
 
 
 @dataclass
@@ -108,6 +121,7 @@ class SupervisedConfig(RunConfig):
     depth: int = 50
     width: float = 1.0
     sk: bool = False
+    stem: str = "auto"
     epochs: float = 100
     batch_size: int = 256
     lr: float = 0.1
@@ -117,6 +131,7 @@ class SupervisedConfig(RunConfig):
     optimizer: str = "sgd"
     crop_min: float = 0.08
     pad_crop: int = 0
+    min_steps: int = MIN_STEPS
 
 
 @dataclass
@@ -125,6 +140,7 @@ class DistillConfig(RunConfig):
     depth: int | None = None  # student; None: the teacher's (self-distillation)
     width: float | None = None
     sk: bool | None = None
+    stem: str = "auto"
     temperature: float | None = None  # None: 0.1 for self-distillation, 1.0 for big-to-small
     alpha: float = 1.0  # weight of the distillation loss; 1 - alpha on the true labels
     init_from: str | None = None  # checkpoint to start the student from: a classifier of its architecture whole, else the encoder
@@ -136,6 +152,7 @@ class DistillConfig(RunConfig):
     weight_decay: float = 1e-4
     crop_min: float = 0.08
     pad_crop: int = 0
+    min_steps: int = MIN_STEPS
 
 
 @dataclass
@@ -151,6 +168,8 @@ class LinearEvalConfig(RunConfig):
     label_fraction: float | None = 1.0
     crop_min: float = 0.08
     pad_crop: int = 0
+    min_steps: int = MIN_STEPS
+    feature_norm: str = "auto"  # auto | on | off: a BatchNorm (no affine) before the classifier (stages/classify.py)
 
 
 STAGE_CONFIGS = {
@@ -193,6 +212,8 @@ def validate(cfg: RunConfig) -> None:
     def bad(opt, msg):
         raise ConfigError(f"--{opt.replace('_', '-')} {msg}")
 
+    if isinstance(cfg.bit_depth, int) and not isinstance(cfg.bit_depth, bool):  # --set bit_depth=12 (YAML int)
+        cfg.bit_depth = str(cfg.bit_depth)
     _check_types(cfg)
     for f in fields(cfg):  # numbers must be numbers: no NaN or infinity
         v = getattr(cfg, f.name)
@@ -205,6 +226,18 @@ def validate(cfg: RunConfig) -> None:
     for name in ("checkpoint_every", "log_every", "eval_batch_size"):
         if getattr(cfg, name) < 1:
             bad(name, f"must be >= 1, got {getattr(cfg, name)}")
+    if cfg.bit_depth not in BIT_DEPTH_CHOICES:
+        bad("bit_depth", f"must be one of {', '.join(BIT_DEPTH_CHOICES)}, got {cfg.bit_depth!r}")
+    if not 1 <= cfg.decode_scale <= 8:
+        bad("decode_scale", f"must be between 1 and 8 (times --image-size), got {cfg.decode_scale}")
+    if cfg.image_cache_gb < 0:
+        bad("image_cache_gb", f"must be >= 0 (0: no cache), got {cfg.image_cache_gb}")
+    if getattr(cfg, "stem", "auto") not in STEMS:
+        bad("stem", f"must be one of {', '.join(STEMS)}, got {cfg.stem!r}")
+    if getattr(cfg, "feature_norm", "auto") not in FEATURE_NORMS:
+        bad("feature_norm", f"must be one of {', '.join(FEATURE_NORMS)}, got {cfg.feature_norm!r}")
+    if getattr(cfg, "min_steps", 0) < 0:
+        bad("min_steps", f"must be >= 0, got {cfg.min_steps}")
     if cfg.image_size is not None and not 8 <= cfg.image_size <= 4096:
         bad("image_size", f"must be between 8 and 4096, got {cfg.image_size}")
     if cfg.epochs > MAX_EPOCHS:
@@ -362,10 +395,35 @@ def stage_values(preset: dict[str, Any], stage: str) -> dict[str, Any]:
     return values
 
 
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resolve_layout(values: dict, explicit: dict) -> None:
+    """Config values (preset + options) naming image folders: the dataset is ``imagefolder`` and a
+    labelled folder's labels are all used unless a fraction / count / subset file is asked for.
+    ``explicit``: the options given by the caller (an explicit other dataset, or --data-dir, is an error)."""
+    given = [flag(k) for k in FOLDER_OPTIONS if values.get(k)]
+    if not given:
+        return
+    if explicit.get("dataset") not in (None, "imagefolder", "image-folder", "image_folder"):
+        raise ConfigError(f"--dataset {explicit['dataset']} cannot be combined with {', '.join(given)} (your own "
+                          "image folders); leave --dataset out")
+    if values.get("data_dir"):
+        raise ConfigError(f"--data-dir {values['data_dir']} (the ROOT/train/CLASS layout) cannot be combined with "
+                          f"{', '.join(given)}; give the folders alone")
+    values["dataset"] = "imagefolder"
+    if values.get("labeled_dir") and all(values.get(k) is None for k in ("label_fraction", "labels_per_class",
+                                                                           "subset_file")):
+        values["label_fraction"] = 1.0  # the labelled folder is the labelled set: every label is used
+
+
 def make_config(stage: str, preset: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
     cls = STAGE_CONFIGS[stage]
     values = stage_values(preset or {}, stage)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+    values.update(explicit)
+    resolve_layout(values, explicit)
     names = {f.name for f in fields(cls)}
     unknown = set(values) - names
     if unknown:

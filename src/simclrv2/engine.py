@@ -30,10 +30,11 @@ from torch import nn
 from simclrv2 import checkpoint as ckpt
 from simclrv2.config import RunConfig, dump, to_dict
 from simclrv2.data import ImageDataset
+from simclrv2.data.batch import collate_images
 from simclrv2.distributed import all_reduce_mean, gather_rows, same_on_all_ranks
 from simclrv2.errors import CheckpointError, ConfigError, DivergenceError
 from simclrv2.metrics import MetricsWriter
-from simclrv2.optim import CLASSIFIER_PREFIXES, LARS, WarmupCosine, param_groups, scale_lr, set_lr
+from simclrv2.optim import CLASSIFIER_PREFIXES, LARS, WarmupCosine, param_groups, plan_steps, scale_lr, set_lr
 from simclrv2.runtime import Runtime, log
 
 
@@ -140,6 +141,7 @@ def load_batches(data: ImageDataset, batches: list[np.ndarray], rt: Runtime, wor
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=[b.tolist() for b in batches], num_workers=workers, pin_memory=pin,
         persistent_workers=False, prefetch_factor=4 if workers else None, generator=torch.Generator(),
+        collate_fn=collate_images if data.variable_size else None,  # image folders: ImageBatch es
     )
     for images, labels in loader:
         yield images.to(rt.device, non_blocking=pin), labels.to(rt.device, non_blocking=pin)
@@ -247,12 +249,12 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
     out = Path(out_dir)
     if cfg.batch_size % rt.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {rt.world_size} processes")
-    stream = BatchStream(data, cfg.batch_size, cfg.seed, rt, cfg.workers)
+    batch, total = plan_steps(stage, cfg, len(data), rt.world_size)  # (the batch capped by the images)
+    stream = BatchStream(data, batch, cfg.seed, rt, cfg.workers)
     if stream.steps_per_epoch == 0:
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training images of stage {stage}")
     steps_per_epoch = stream.steps_per_epoch
-    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
-    peak_lr = scale_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
+    peak_lr = scale_lr(cfg.lr, batch, cfg.lr_scaling)
     schedule = WarmupCosine(peak_lr, total, int(round(cfg.warmup_fraction * total)))
 
     model = task.model

@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 from simclrv2.errors import ConfigError
+from simclrv2.runtime import log
+
+SHORT_RUN = 100  # optimiser steps: fewer are too few to learn much (a warning names the stage)
 
 
 # Linear classifiers on top of the network: the fine-tuning classifier and the pretraining probe.
@@ -124,3 +127,32 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group's lr: ``lr`` times the group's optional ``lr_scale``."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def plan_steps(stage: str, cfg, n_images: int, world_size: int = 1) -> tuple[int, int]:
+    """(global batch, total optimiser steps) of a stage on ``n_images`` training images.
+
+    The batch is ``cfg.batch_size`` capped by the images (the largest multiple of the processes that
+    fits; a log line says so); the steps are ``cfg.epochs`` epochs of ``n_images // batch`` steps,
+    at least ``cfg.min_steps`` (classifier stages: on a small labelled set more epochs; the
+    built-in presets already train longer, README "Schedules"). A warning names the stage when
+    the run has fewer than ``SHORT_RUN`` steps."""
+    batch = cfg.batch_size
+    if batch > n_images >= world_size:
+        batch = n_images // world_size * world_size
+        log.info(f"{stage}: --batch-size {cfg.batch_size} is more than the {n_images} training images: batches of "
+                 f"{batch}")
+    steps_per_epoch = n_images // batch if batch else 0
+    if steps_per_epoch == 0:
+        return batch, 0
+    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    minimum = getattr(cfg, "min_steps", 0)
+    if total < minimum:
+        log.info(f"{stage}: {cfg.epochs:g} epochs of {n_images} images would be {total} steps: training "
+                 f"{minimum} (--min-steps), {minimum / steps_per_epoch:.4g} epochs")
+        total = minimum
+    if total < SHORT_RUN:
+        log.warning(f"{stage}: only {total} optimiser steps ({cfg.epochs:g} epochs of {steps_per_epoch} steps of "
+                    f"{batch} images): probably too short to learn; raise --epochs"
+                    + (" or --min-steps" if hasattr(cfg, "min_steps") else ""))
+    return batch, total

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from simclrv2 import checkpoint as ckpt
-from simclrv2.config import check_preset, load_preset, make_config
+from simclrv2.config import FOLDER_OPTIONS, check_preset, flag, load_preset, make_config, resolve_layout
 from simclrv2.errors import ConfigError
 from simclrv2.report import model_name, pipeline_feature_map, write_report
 from simclrv2.runtime import log
@@ -59,7 +59,8 @@ def merge(preset: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, data_dir: str | None = None,
                  label_fractions: list[float] | None = None, overrides: dict[str, Any] | None = None,
-                 device: str | None = None, stages: list[str] | None = None) -> dict[str, Any]:
+                 device: str | None = None, stages: list[str] | None = None, unlabeled_dir: str | None = None,
+                 labeled_dir: str | None = None, test_dir: str | None = None) -> dict[str, Any]:
     """Run the recipe; returns the report (also written to OUT/report.json and OUT/report.md).
 
     ``stages``: run only these (default: all); the others are reused when finished in OUT, else skipped,
@@ -70,7 +71,8 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
     created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     had_yaml = (path / "pipeline.yaml").exists()
     try:
-        return _run_pipeline(preset_name, out, dataset, data_dir, label_fractions, overrides, device, stages)
+        folders = {"unlabeled_dir": unlabeled_dir, "labeled_dir": labeled_dir, "test_dir": test_dir}
+        return _run_pipeline(preset_name, out, dataset, data_dir, label_fractions, overrides, device, stages, folders)
     except BaseException:
         if int(os.environ.get("RANK", "0")) == 0 and not had_yaml and path.is_dir() \
                 and not any(p.is_dir() for p in path.iterdir()):
@@ -85,7 +87,7 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
 
 def _run_pipeline(preset_name: str, out: str | Path, dataset: str | None, data_dir: str | None,
                   label_fractions: list[float] | None, overrides: dict[str, Any] | None, device: str | None,
-                  stages: list[str] | None) -> dict[str, Any]:
+                  stages: list[str] | None, folders: dict[str, str | None]) -> dict[str, Any]:
     from simclrv2.stages import distill, finetune, linear_eval, pretrain, supervised
     from simclrv2.stages.common import stage_done
 
@@ -97,7 +99,18 @@ def _run_pipeline(preset_name: str, out: str | Path, dataset: str | None, data_d
         preset["data_dir"] = data_dir
     if device:
         preset["device"] = device
-    fractions = label_fractions or preset.get("label_fractions") or [0.01]
+    preset.update({k: str(v) for k, v in folders.items() if v})
+    if any(preset.get(k) for k in FOLDER_OPTIONS):  # your own folders: the recipe needs labels and test images
+        resolve_layout(dict(preset), {"dataset": dataset})  # (an explicit other --dataset / --data-dir is an error)
+        preset["dataset"] = "imagefolder"
+        for name, what in (("labeled_dir", "the labelled images, DIR/CLASS/*"),
+                           ("test_dir", "held-out labelled images, DIR/CLASS/*, for the report's accuracies")):
+            if not preset.get(name):
+                raise ConfigError(f"pipeline: {flag(name)} is required with your own image folders ({what})")
+        # the labelled folder is the labelled set: all of it unless --label-fraction asks for less
+        fractions = label_fractions or [1.0]
+    else:
+        fractions = label_fractions or preset.get("label_fractions") or [0.01]
     for f in fractions:
         if not 0 < f <= 1:
             raise ConfigError(f"--label-fraction must be in (0, 1], got {f}")

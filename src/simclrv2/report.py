@@ -295,6 +295,7 @@ def feature_map(out: str | Path, checkpoint: str | Path, dataset: str | None = N
     from simclrv2.checkpoint import resolve
     from simclrv2.data import load_dataset, subset
     from simclrv2.data.augment import EvalTransform
+    from simclrv2.data.folders import folder_dataset
     from simclrv2.engine import predict
     from simclrv2.inference import feature_function
     from simclrv2.runtime import Runtime
@@ -317,7 +318,11 @@ def feature_map(out: str | Path, checkpoint: str | Path, dataset: str | None = N
         if saved.get("key") == key:
             return saved["info"]
 
-    test = load_dataset(key["dataset"], "test", data_dir, meta.get("image_size"))
+    if key["dataset"] == "imagefolder":  # decoded as the run decoded them, from its own folders unless data_dir
+        config = meta.get("config") if data_dir is None and isinstance(meta.get("config"), dict) else {"data_dir": data_dir}
+        test = folder_dataset(config, "test", meta.get("image_size"), meta["model"]["in_channels"], meta.get("bit_depth"))
+    else:
+        test = load_dataset(key["dataset"], "test", data_dir, meta.get("image_size"))
     n = len(test)
     if n > max_images:  # stratified: every class keeps its share
         rng = np.random.default_rng(seed)

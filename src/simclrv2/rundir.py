@@ -43,8 +43,9 @@ LOCK_FILE = ".lock"
 # options that do not change what a run computes: a run is continued or reused whatever their values
 IGNORED_OPTIONS = frozenset({"out", "device", "workers", "log_every", "checkpoint_every", "eval_batch_size", "resume",
                              "restart", "allow_unverified", "compile", "channels_last", "check_images", "dist_timeout",
-                             "activation_checkpointing"})
-PATH_OPTIONS = frozenset({"data_dir", "subset_file", "pretrained", "teacher", "init_from"})
+                             "activation_checkpointing", "image_cache_gb"})
+PATH_OPTIONS = frozenset({"data_dir", "unlabeled_dir", "labeled_dir", "test_dir", "subset_file", "pretrained", "teacher",
+                          "init_from"})
 # what a stage writes in OUT (a failed start removes the ones it created)
 RUN_FILES = ("config.yaml", "labeled_subset.txt", "validation_split.txt", "metrics.jsonl", "metrics.csv", "tensorboard",
              "last.safetensors", "last.json", "final.safetensors", "final.json")

@@ -45,6 +45,22 @@ blurred images.  On the CPU the batch is processed in chunks of ~2M output value
 elementwise passes stay in cache.  ``bench/augment_bench.py`` compares this with kornia
 (2.5-5x faster here, see BENCHMARKS.md).
 
+Images of different sizes (image folders, :class:`~simclrv2.data.batch.ImageBatch`): each image
+is decoded whole, its aspect ratio kept, so the crop of step 1 is cut from the whole image, as
+the paper does (docs/method.md §5): its box is drawn against the image's own height and width
+(the same draws as for a fixed size), then cropped and resized to ``S x S`` one image at a time
+(bilinear, antialiased: a box may be larger than the view); the rest of the pipeline is the
+same batched code. The evaluation view crops each image's central square (below) the same way.
+With ``pad_crop`` (fine-tuning), each image's central square is resized to ``S`` first.
+
+User view transforms (``extra=[fn, ...]`` of :class:`PretrainAugment` and
+:class:`FinetuneAugment`; the stages take them as ``view_transforms=``): callables
+``fn(views, generator) -> views`` on the finished float32 views ``[N, C, S, S]``, applied in
+order after the built-in steps, with a CPU generator of their own seeded by one draw from the
+step's generator (so a run stays a function of its seed; without them nothing is drawn and the
+views are as before). :func:`rotations_and_flips` is one (random 90-degree rotations and
+vertical flips, for images without a preferred orientation).
+
 Randomness and determinism: all random parameters are drawn on the CPU, from the CPU
 ``torch.Generator`` passed to ``forward`` (or torch's default CPU generator when none is given)
 and then moved to the images' device (small non-blocking copies).  A CUDA generator is
@@ -64,14 +80,17 @@ interpolation; bilinear is used here for both training and evaluation views.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from simclrv2.data.batch import ImageBatch
 from simclrv2.errors import ConfigError
 
 __all__ = [
@@ -81,6 +100,9 @@ __all__ = [
     "random_resized_crop_params",
     "to_float_images",
     "blur_kernel_size",
+    "rotations_and_flips",
+    "view_transforms",
+    "active_view_transforms",
 ]
 
 # ITU-R 601 luma weights (torchvision / PIL use these; TF uses 0.2989, 0.587, 0.114).
@@ -161,6 +183,15 @@ def _check_rows(rows: tuple[int, int] | None, batch: int) -> tuple[int, int]:
     return offset, total
 
 
+def _check_extra(extra) -> tuple:
+    """User view transforms: callables ``fn(views, generator) -> views``."""
+    extra = tuple(extra or ())
+    bad = next((fn for fn in extra if not callable(fn)), None)
+    if bad is not None:
+        raise ConfigError(f"extra view transforms must be callables fn(views, generator) -> views, got {bad!r}")
+    return extra
+
+
 def _uniform(n: int, low: float, high: float, generator: torch.Generator | None) -> Tensor:
     return torch.rand(n, generator=generator, dtype=torch.float64) * (high - low) + low
 
@@ -192,8 +223,8 @@ def _mean_gray(x: Tensor) -> Tensor:
 
 def random_resized_crop_params(
     batch: int,
-    height: int,
-    width: int,
+    height: int | Tensor,
+    width: int | Tensor,
     scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     generator: torch.Generator | None = None,
@@ -205,6 +236,8 @@ def random_resized_crop_params(
     fits in the image is used, with its top-left corner uniform over the valid positions.  If
     no try fits, a centre crop of the whole image clamped to the aspect-ratio range.
 
+    ``height`` and ``width``: the images' size, or each image's (int64 CPU tensors ``[batch]``:
+    images of different sizes, each crop drawn against its own image).
     Returns an ``int64`` CPU tensor ``[batch, 4]`` of ``(top, left, h, w)`` in pixels.
     Draws ``22 * batch`` numbers from ``generator`` (a CPU generator or None for the default).
     """
@@ -214,8 +247,13 @@ def random_resized_crop_params(
     if r0 <= 0.0:
         raise ConfigError(f"crop_ratio must be positive, got {ratio!r}")
     tries = 10
-    area = float(height * width)
     u = torch.rand(batch, 2 * tries + 2, generator=generator, dtype=torch.float64)
+    if isinstance(height, Tensor) or isinstance(width, Tensor):
+        height = torch.as_tensor(height, dtype=torch.int64).expand(batch).reshape(batch, 1)
+        width = torch.as_tensor(width, dtype=torch.int64).expand(batch).reshape(batch, 1)
+        area = (height * width).double()
+    else:
+        area = float(height * width)
     target_area = area * (s0 + (s1 - s0) * u[:, :tries])
     log_r0, log_r1 = math.log(r0), math.log(r1)
     aspect = torch.exp(log_r0 + (log_r1 - log_r0) * u[:, tries : 2 * tries])
@@ -228,15 +266,14 @@ def random_resized_crop_params(
     h = h.gather(1, first).squeeze(1)
 
     # fallback: centre crop (torchvision)
-    in_ratio = width / height
-    if in_ratio < r0:
-        fw, fh = width, int(round(width / r0))
-    elif in_ratio > r1:
-        fh, fw = height, int(round(height * r1))
+    if isinstance(height, Tensor):
+        height, width = height.squeeze(1), width.squeeze(1)
+        fw, fh = _fallback_crop_sizes(height, width, r0, r1)
     else:
-        fw, fh = width, height
-    w = torch.where(found, w, torch.full_like(w, fw))
-    h = torch.where(found, h, torch.full_like(h, fh))
+        fw, fh = _fallback_crop_sizes(torch.tensor([height]), torch.tensor([width]), r0, r1)
+        fw, fh = int(fw), int(fh)
+    w = torch.where(found, w, fw if isinstance(fw, Tensor) else torch.full_like(w, fw))
+    h = torch.where(found, h, fh if isinstance(fh, Tensor) else torch.full_like(h, fh))
     top = torch.floor(u[:, 2 * tries] * (height - h + 1).double()).long()
     left = torch.floor(u[:, 2 * tries + 1] * (width - w + 1).double()).long()
     top = torch.minimum(top, height - h)
@@ -244,6 +281,15 @@ def random_resized_crop_params(
     top = torch.where(found, top, (height - h) // 2)
     left = torch.where(found, left, (width - w) // 2)
     return torch.stack([top, left, h, w], dim=1)
+
+
+def _fallback_crop_sizes(height: Tensor, width: Tensor, r0: float, r1: float) -> tuple[Tensor, Tensor]:
+    """(w, h) of torchvision's fallback: the whole image, clamped to the aspect-ratio range [r0, r1]."""
+    in_ratio = width.double() / height.double()
+    narrow, wide = in_ratio < r0, in_ratio > r1
+    fw = torch.where(wide, torch.round(height.double() * r1).long(), width)
+    fh = torch.where(narrow, torch.round(width.double() / r0).long(), height)
+    return fw, fh
 
 
 def _crop_resize(x: Tensor, boxes: Tensor, flip: Tensor, size: int) -> Tensor:
@@ -273,6 +319,101 @@ def _crop_resize(x: Tensor, boxes: Tensor, flip: Tensor, size: int) -> Tensor:
         [gx.view(batch, 1, size).expand(batch, size, size), gy.view(batch, size, 1).expand(batch, size, size)], dim=1
     ).permute(0, 2, 3, 1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _crop_resize_each(batch: ImageBatch, boxes: Tensor, flip: Tensor, size: int) -> Tensor:
+    """Images of different sizes: each image's box (CPU ``[B, 4]`` top, left, h, w, inside the image)
+    resized to ``size x size`` (bilinear, antialiased when shrinking: the box may be larger than
+    the view), flipped where ``flip``; float32 ``[B, C, S, S]`` in [0, 1]. One resize per image."""
+    out = torch.empty((len(batch), batch.shape[1], size, size), dtype=torch.float32, device=batch.device)
+    for i, (top, left, h, w) in enumerate(boxes.tolist()):
+        crop = batch.pixels[i : i + 1, :, top : top + h, left : left + w].to(torch.float32)
+        view = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out[i] = view[0].flip(-1) if flip[i] else view[0]
+    return out.div_(255.0).clamp_(0.0, 1.0)
+
+
+def _crop(images: Tensor | ImageBatch, boxes: Tensor, flip: Tensor, size: int) -> Tensor:
+    """The crop + resize + flip of a view: one ``grid_sample`` for a tensor batch, one resize per
+    image for an :class:`ImageBatch`."""
+    if isinstance(images, ImageBatch):
+        return _crop_resize_each(images, boxes, flip, size)
+    return _crop_resize(to_float_images(images), boxes, flip, size)
+
+
+def _sizes(images: Tensor | ImageBatch, offset: int, total: int) -> tuple[int | Tensor, int | Tensor]:
+    """(height, width) to draw the crops of a batch's ``total`` rows against: the batch's for a
+    tensor; each image's for an ImageBatch (this slice's rows; the other rows' boxes are drawn, to
+    keep the draws those of the whole batch, but not used)."""
+    if not isinstance(images, ImageBatch):
+        return images.shape[2], images.shape[3]
+    hw = torch.ones((total, 2), dtype=torch.int64)
+    hw[offset : offset + len(images)] = images.sizes
+    return hw[:, 0], hw[:, 1]
+
+
+def _eval_boxes(sizes: Tensor, crop_fraction: float) -> Tensor:
+    """The central square of ``crop_fraction`` of each image's shorter side (none for images of at
+    most 32 px: the whole image), as ``[B, 4]`` boxes (offsets as the official ``center_crop``)."""
+    h, w = sizes[:, 0], sizes[:, 1]
+    short = torch.minimum(h, w)
+    side = torch.round(crop_fraction * short.double()).long().clamp_min(1)
+    small = short <= 32
+    bh, bw = torch.where(small, h, side), torch.where(small, w, side)
+    return torch.stack([(h - bh + 1) // 2, (w - bw + 1) // 2, bh, bw], dim=1)
+
+
+def _apply_extra(extra: Sequence, views: Tensor, generator: torch.Generator | None) -> Tensor:
+    """The user's view transforms (``extra``), in order, on the finished views, with a generator of
+    their own seeded from ``generator`` (one draw, after every built-in one)."""
+    if not extra:
+        return views
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    g = torch.Generator().manual_seed(seed)
+    for fn in extra:
+        out = fn(views, g)
+        if not isinstance(out, Tensor) or out.shape != views.shape:
+            raise ValueError(f"view transform {getattr(fn, '__name__', fn)!r} must return a tensor of shape "
+                             f"{tuple(views.shape)}, got {getattr(out, 'shape', type(out).__name__)}")
+        views = out
+    return views
+
+
+_VIEW_TRANSFORMS: contextvars.ContextVar[tuple] = contextvars.ContextVar("simclrv2_view_transforms", default=())
+
+
+@contextlib.contextmanager
+def view_transforms(fns: Sequence[Callable]) -> Iterator[None]:
+    """Within the block, the stages add ``fns`` to their training views (``extra`` of
+    :class:`PretrainAugment` and :class:`FinetuneAugment`). The stage functions' ``view_transforms=``."""
+    token = _VIEW_TRANSFORMS.set(_check_extra(fns))
+    try:
+        yield
+    finally:
+        _VIEW_TRANSFORMS.reset(token)
+
+
+def active_view_transforms() -> tuple:
+    """The view transforms of the enclosing :func:`view_transforms` block (none outside one)."""
+    return _VIEW_TRANSFORMS.get()
+
+
+def rotations_and_flips(views: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A view transform for images without a preferred orientation (microscopy, satellite images,
+    industrial parts): each view rotated by a random multiple of 90 degrees, then flipped vertically
+    with probability 0.5. Use it as ``extra=[rotations_and_flips]`` (square views)."""
+    batch = views.shape[0]
+    k = torch.randint(0, 4, (batch,), generator=generator)
+    vflip = torch.rand(batch, generator=generator) < 0.5
+    out = views.clone()
+    for turns in range(1, 4):
+        idx = (k == turns).nonzero().squeeze(1).to(views.device)
+        if idx.numel():
+            out.index_copy_(0, idx, torch.rot90(views.index_select(0, idx), turns, dims=(2, 3)))
+    idx = vflip.nonzero().squeeze(1).to(views.device)
+    if idx.numel():
+        out.index_copy_(0, idx, out.index_select(0, idx).flip(2))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,6 +586,7 @@ class PretrainAugment(torch.nn.Module):
         blur: bool = False,
         blur_p=0.5,
         blur_sigma=(0.1, 2.0),
+        extra: Sequence = (),
     ):
         super().__init__()
         if int(image_size) < 1:
@@ -467,6 +609,7 @@ class PretrainAugment(torch.nn.Module):
         self.blur_sigma = _check_range("blur_sigma", blur_sigma, 0.0)
         if self.blur_sigma[0] <= 0:
             raise ConfigError(f"blur_sigma must be positive, got {blur_sigma!r}")
+        self.extra = _check_extra(extra)
 
     def extra_repr(self) -> str:
         return (
@@ -475,8 +618,10 @@ class PretrainAugment(torch.nn.Module):
             f"gray_p={self.gray_p}, blur={self.blur}, blur_p={self.blur_p}, blur_sigma={self.blur_sigma}"
         )
 
-    def sample_params(self, batch: int, height: int, width: int, generator: torch.Generator | None = None) -> dict:
-        """All random parameters of a batch (CPU tensors), in a fixed draw order."""
+    def sample_params(self, batch: int, height: int | Tensor, width: int | Tensor,
+                      generator: torch.Generator | None = None) -> dict:
+        """All random parameters of a batch (CPU tensors), in a fixed draw order (``height``,
+        ``width``: per image for images of different sizes, see :func:`random_resized_crop_params`)."""
         _check_generator(generator)
         boxes = random_resized_crop_params(batch, height, width, self.crop_scale, self.crop_ratio, generator)
         flip = torch.rand(batch, generator=generator) < self.flip_p
@@ -525,11 +670,18 @@ class PretrainAugment(torch.nn.Module):
         in the same order) with fewer, larger ops when the images are small (one pass over all
         the views instead of one per view). Bit-identical for 1 channel; for 3 channels up to
         float rounding (the luma's small matrix products may round differently by batch size)."""
-        if images.dim() != 4:
+        if len(images.shape) != 4:
             raise ValueError(f"expected images of shape [B, C, H, W], got {tuple(images.shape)}")
-        batch, channels, height, width = images.shape
+        batch, channels = images.shape[0], images.shape[1]
         offset, total = _check_rows(rows, batch)
+        height, width = _sizes(images, offset, total)
         draws = [self.sample_params(total, height, width, generator) for _ in range(n)]
+        if self.extra:
+            return _apply_extra(self.extra, self._views(images, draws, offset, total, n), generator)
+        return self._views(images, draws, offset, total, n)
+
+    def _views(self, images: Tensor | ImageBatch, draws: list[dict], offset: int, total: int, n: int) -> Tensor:
+        batch, channels = images.shape[0], images.shape[1]
         if n == 1 and total == batch:
             p = draws[0]
         else:
@@ -554,8 +706,7 @@ class PretrainAugment(torch.nn.Module):
 
     def _view(self, images: Tensor, p: dict, start: int, stop: int) -> Tensor:
         """Views of ``images`` (the slice ``start:stop`` of the batch whose parameters are ``p``)."""
-        x = to_float_images(images)
-        x = _crop_resize(x, p["boxes"][start:stop], p["flip"][start:stop], self.image_size)  # in [0, 1]
+        x = _crop(images, p["boxes"][start:stop], p["flip"][start:stop], self.image_size)  # in [0, 1]
         jitter = p["jitter"][start:stop]
         if self.color_strength > 0 and bool(jitter.any()):
             x = _color_jitter(x, jitter, p["factors"][start:stop], p["order"][start:stop])
@@ -584,6 +735,7 @@ class FinetuneAugment(torch.nn.Module):
         crop_ratio=(3 / 4, 4 / 3),
         flip_p=0.5,
         pad_crop: int = 0,
+        extra: Sequence = (),
     ):
         super().__init__()
         if int(image_size) < 1:
@@ -597,6 +749,7 @@ class FinetuneAugment(torch.nn.Module):
         self.pad_crop = int(pad_crop)
         if self.pad_crop < 0:
             raise ConfigError(f"pad_crop must be >= 0, got {pad_crop}")
+        self.extra = _check_extra(extra)
 
     def extra_repr(self) -> str:
         return (
@@ -606,15 +759,25 @@ class FinetuneAugment(torch.nn.Module):
 
     @_outside_autocast
     def forward(
-        self, images: Tensor, generator: torch.Generator | None = None, rows: tuple[int, int] | None = None
+        self, images: Tensor | ImageBatch, generator: torch.Generator | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> Tensor:
+        return _apply_extra(self.extra, self._forward(images, generator, rows), generator)
+
+    def _forward(self, images: Tensor | ImageBatch, generator: torch.Generator | None, rows) -> Tensor:
         _check_generator(generator)
-        if images.dim() != 4:
+        if len(images.shape) != 4:
             raise ValueError(f"expected images of shape [B, C, H, W], got {tuple(images.shape)}")
-        batch, channels, height, width = images.shape
+        batch = images.shape[0]
         offset, total = _check_rows(rows, batch)
         mine = slice(offset, offset + batch)
         size = self.image_size
+        if self.pad_crop > 0 and isinstance(images, ImageBatch):
+            # pad-and-crop works on images of the view's size: each image's central square first (the
+            # evaluation's geometry, whole shorter side)
+            images = _crop_resize_each(images, _eval_boxes(images.sizes, 1.0), torch.zeros(batch, dtype=torch.bool),
+                                       size)
+        batch, channels, height, width = images.shape
         if self.pad_crop > 0:
             pad = self.pad_crop
             hp, wp = height + 2 * pad, width + 2 * pad
@@ -637,10 +800,10 @@ class FinetuneAugment(torch.nn.Module):
             out = out.gather(3, cols.view(batch, 1, 1, size).expand(batch, channels, size, size))
             x = to_float_images(out)
             return x if out.dtype == torch.uint8 else x.clamp_(0.0, 1.0)  # uint8 / 255 is in [0, 1] already
-        x = to_float_images(images)
+        height, width = _sizes(images, offset, total)
         boxes = random_resized_crop_params(total, height, width, self.crop_scale, self.crop_ratio, generator)[mine]
         flip = (torch.rand(total, generator=generator) < self.flip_p)[mine]
-        return _crop_resize(x, boxes, flip, size).clamp_(0.0, 1.0)
+        return _crop(images, boxes, flip, size).clamp_(0.0, 1.0)
 
 
 class EvalTransform(torch.nn.Module):
@@ -666,7 +829,10 @@ class EvalTransform(torch.nn.Module):
         return f"image_size={self.image_size}, crop_fraction={self.crop_fraction}"
 
     @_outside_autocast
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor | ImageBatch) -> Tensor:
+        if isinstance(images, ImageBatch):  # each image cropped and resized on its own
+            boxes = _eval_boxes(images.sizes, self.crop_fraction)
+            return _crop_resize_each(images, boxes, torch.zeros(len(images), dtype=torch.bool), self.image_size)
         x = to_float_images(images)
         _, _, height, width = x.shape
         if min(height, width) > 32:

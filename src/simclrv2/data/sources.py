@@ -10,10 +10,16 @@ Every dataset yields images as ``uint8`` tensors ``[C, H, W]`` and labels as ``i
   images are decoded / read on access; read them through a ``torch.utils.data.DataLoader``
   with worker processes (the datasets are picklable and hold no open file handles).
 
+Image folders (``variable_size = True``) keep each image whole, its aspect ratio kept (decoded to a
+bounded size, :func:`read_image`), so their images differ in size and their batches are
+:class:`~simclrv2.data.batch.ImageBatch` es (padded, with each image's size); a small folder can be
+decoded once and kept in memory (:meth:`ImageFolderDataset.load_into_memory`).
+
 Sources: ``fashion-mnist`` (gzipped or raw IDX files), ``cifar10`` / ``cifar100`` (the
 official python pickle batches), ``stl10`` (the official binary files; the 100k unlabeled
 split is memory-mapped), ``imagefolder`` (ROOT/train/CLASS/*, ROOT/val/CLASS/*,
-ROOT/unlabeled/**) and ``digits`` (scikit-learn's bundled 8x8 digits, upsampled).
+ROOT/unlabeled/**, or separate folders: :mod:`simclrv2.data.folders`) and ``digits``
+(scikit-learn's bundled 8x8 digits, upsampled).
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from simclrv2.data.batch import ImageBatch
 from simclrv2.errors import ConfigError, DataError
 
 __all__ = [
     "ImageDataset",
     "TensorImageDataset",
     "ImageFolderDataset",
+    "ImageBatch",
     "MemmapImageDataset",
     "SubsetDataset",
     "ConcatImageDataset",
@@ -42,6 +50,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "dataset_info",
     "load_dataset",
+    "read_image",
     "subset",
     "hide_labels",
     "concat",
@@ -86,6 +95,7 @@ class ImageDataset(torch.utils.data.Dataset):
     channels: int = 3
     image_size: int | None = None
     in_memory: bool = False
+    variable_size: bool = False  # images of different sizes (image folders): batches are ImageBatch es
 
     def __len__(self) -> int:
         return int(len(self.labels))
@@ -93,15 +103,19 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i) -> tuple[torch.Tensor, int]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def get_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [B, C, H, W] images and int64 [B] labels for ``indices``."""
+    def get_batch(self, indices) -> tuple[torch.Tensor | ImageBatch, torch.Tensor]:
+        """uint8 [B, C, H, W] images (an :class:`ImageBatch` for ``variable_size`` datasets) and
+        int64 [B] labels for ``indices``."""
         idx = _as_index_array(indices, len(self))
         if idx.size == 0:
             return self._empty_batch(), torch.zeros(0, dtype=torch.int64)
-        images = torch.stack([self[int(i)][0] for i in idx])
-        return images, torch.from_numpy(self.labels[idx].astype(np.int64))
+        images = [self[int(i)][0] for i in idx]
+        batch = ImageBatch.from_images(images) if self.variable_size else torch.stack(images)
+        return batch, torch.from_numpy(self.labels[idx].astype(np.int64))
 
-    def _empty_batch(self) -> torch.Tensor:
+    def _empty_batch(self) -> torch.Tensor | ImageBatch:
+        if self.variable_size:
+            return ImageBatch.from_images([], self.channels)
         s = self.image_size or 0
         return torch.zeros((0, self.channels, s, s), dtype=torch.uint8)
 
@@ -619,65 +633,171 @@ def _subdirs(path: str) -> list[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
-def _to_rgb_array(img) -> np.ndarray:
-    """Any Pillow image -> uint8 RGB array [H, W, 3]; 16/32-bit integer images scaled to 8 bits."""
+# single-channel Pillow modes; "I" (32-bit integer) and "I;16*" hold more than 8 bits, "F" floats
+_GRAY_MODES = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N")
+BIT_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def _high_bit(mode: str) -> bool:
+    return mode == "I" or mode.startswith("I;16")
+
+
+def bits_for(max_value: int) -> int:
+    """The bit depth of integer images whose largest value is ``max_value``: the smallest of 8, 10,
+    12, 14, 16 bits that holds it (a 12-bit camera's images, stored as 16-bit PNG/TIFF, give 12)."""
+    return next((b for b in BIT_DEPTHS if max_value < 2**b), 16)
+
+
+def _to_array(img, channels: int = 3, bit_depth: int | None = None) -> np.ndarray:
+    """A Pillow image -> uint8 array [H, W, channels].
+
+    Integer images of more than 8 bits (modes I;16*, and I as Pillow opens some 16-bit files) are
+    scaled by their bit depth: value * 255 / (2**bit_depth - 1), clipped to 0..255 (``bit_depth``
+    None: 16, the container's); floating-point images (F) from [0, 1] (or 0..255 when larger).
+    Gray images are repeated to 3 channels, colour ones converted to luma for 1 channel."""
     mode = img.mode
-    if mode.startswith("I;16") or mode == "I":
-        # 16-bit greyscale (mode "I" is how older Pillow opens 16-bit PNG/TIFF): 0..65535 -> 0..255.
-        a = np.asarray(img).astype(np.float64)
-        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
-        return np.repeat(a[:, :, None], 3, axis=2)
-    if mode == "F":
+    if _high_bit(mode) or mode == "F":
         a = np.asarray(img, dtype=np.float64)
-        finite = a[np.isfinite(a)]
-        scale = 255.0 if finite.size and finite.max() <= 1.0 else 1.0
-        a = np.clip(np.rint(np.nan_to_num(a) * scale), 0, 255).astype(np.uint8)
-        return np.repeat(a[:, :, None], 3, axis=2)
+        if mode == "F":
+            finite = a[np.isfinite(a)]
+            a = np.nan_to_num(a) * (255.0 if finite.size and finite.max() <= 1.0 else 1.0)
+        else:
+            a = a / ((2 ** (bit_depth or 16) - 1) / 255.0)  # 16 bits: a / 257
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)[:, :, None]
+        return np.repeat(a, 3, axis=2) if channels == 3 else a
     if mode == "P":
         img = img.convert("RGBA")  # palette transparency is resolved via RGBA (avoids Pillow's warning)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return np.asarray(img)
+    want = "RGB" if channels == 3 else "L"
+    if img.mode != want:
+        img = img.convert(want)
+    a = np.asarray(img)
+    return a if channels == 3 else a[:, :, None]
 
 
-def decode_image(path: str, image_size: int, label: str | None = None) -> torch.Tensor:
-    """Decode an image file to uint8 [3, S, S]: shorter side resized to S (bilinear), centre crop."""
+def _open_error(path: str, label: str | None, err: object) -> DataError:
+    return DataError(f"cannot decode image {label or path}: {_one_line(err)}")
+
+
+def read_image(path: str, decode_side: int | None = None, channels: int = 3, bit_depth: int | None = None,
+               label: str | None = None) -> torch.Tensor:
+    """The whole image as uint8 ``[channels, h, w]``, its aspect ratio kept.
+
+    With ``decode_side``, an image whose shorter side is longer is reduced to that shorter side
+    (bilinear, antialiased; JPEGs decode at a reduced scale first, Pillow's draft mode); smaller
+    images are returned as they are. ``bit_depth``, ``channels``: see :func:`_to_array`."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            if img.format == "JPEG":
-                img.draft("RGB", (image_size, image_size))  # fast DCT-domain downscale, stays >= S
+            if decode_side and img.format == "JPEG":
+                img.draft("RGB" if channels == 3 else "L", (decode_side, decode_side))  # DCT-domain, stays >= side
             img.load()  # first frame of animated GIF/WebP/TIFF
-            arr = _to_rgb_array(img)
+            arr = _to_array(img, channels, bit_depth)
     except Exception as e:  # noqa: BLE001 - Pillow raises many kinds on malformed files; all mean unreadable
-        raise DataError(f"cannot decode image {label or path}: {_one_line(e)}") from None
+        raise _open_error(path, label, e) from None
     h, w = arr.shape[:2]
     if h == 0 or w == 0:
         raise DataError(f"cannot decode image {label or path}: empty image")
-    if (h, w) != (image_size, image_size):
-        s = image_size / min(h, w)
-        nh, nw = max(image_size, round(h * s)), max(image_size, round(w * s))
-        im = Image.fromarray(arr).resize((nw, nh), Image.Resampling.BILINEAR)
-        top, left = (nh - image_size) // 2, (nw - image_size) // 2
-        arr = np.asarray(im.crop((left, top, left + image_size, top + image_size)))
+    if decode_side and min(h, w) > decode_side:
+        s = decode_side / min(h, w)
+        arr = _resize_array(arr, max(decode_side, round(h * s)), max(decode_side, round(w * s)))
     arr = np.ascontiguousarray(arr)
     if not arr.flags.writeable:  # arrays viewing Pillow's buffer are read-only
         arr = arr.copy()
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-class ImageFolderDataset(ImageDataset):
-    """Lazy image folder: ROOT/train/CLASS/*, ROOT/val|test/CLASS/*, ROOT/unlabeled/** (labels -1).
+def _resize_array(arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [H, W, C] resized with Pillow's bilinear filter (antialiased when shrinking)."""
+    from PIL import Image
 
-    Images are decoded with Pillow in ``__getitem__`` and come out as RGB uint8
-    ``[3, image_size, image_size]`` (shorter side resized, centre crop), so batches collate.
-    ``ids`` are paths relative to ROOT with '/' separators, e.g. ``train/cat/img1.png``.
-    Holds only paths and labels: picklable for DataLoader worker processes.
+    im = Image.fromarray(arr if arr.shape[2] == 3 else arr[:, :, 0])
+    out = np.asarray(im.resize((width, height), Image.Resampling.BILINEAR))
+    return out if out.ndim == 3 else out[:, :, None]
+
+
+def decode_image(path: str, image_size: int, label: str | None = None) -> torch.Tensor:
+    """Decode an image file to uint8 [3, S, S]: shorter side resized to S (bilinear), centre crop."""
+    arr = read_image(path, image_size, 3, None, label).permute(1, 2, 0).numpy()
+    h, w = arr.shape[:2]
+    if (h, w) != (image_size, image_size):
+        s = image_size / min(h, w)
+        nh, nw = max(image_size, round(h * s)), max(image_size, round(w * s))
+        arr = _resize_array(arr, nh, nw)
+        top, left = (nh - image_size) // 2, (nw - image_size) // 2
+        arr = arr[top : top + image_size, left : left + image_size]
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+
+
+def probe_image(path: str, decode_side: int | None = None, decode: bool = True) -> dict:
+    """What the image check records of one file: ``{"h", "w"}`` (its full size), ``"gray"`` (one
+    channel, or three equal ones), ``"bits"`` (8, or 16 for images of more than 8 bits) and
+    ``"max"`` (their largest value; -1 when not decoded). It decodes the image as training does
+    (``decode=False``: reads the header only). A DataError names an unreadable file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            mode = img.mode
+            info = {"h": int(h), "w": int(w), "gray": mode in _GRAY_MODES, "bits": 16 if _high_bit(mode) else 8,
+                    "max": -1}
+            if decode:
+                if decode_side and img.format == "JPEG":
+                    img.draft("L" if mode == "L" else "RGB", (decode_side, decode_side))
+                img.load()
+                if _high_bit(mode):
+                    info["max"] = int(np.asarray(img).max()) if w and h else 0
+                elif not info["gray"]:
+                    a = _to_array(img)
+                    info["gray"] = bool((a[:, :, 0] == a[:, :, 1]).all() and (a[:, :, 1] == a[:, :, 2]).all())
+    except Exception as e:  # noqa: BLE001 - any failure makes the image unreadable
+        raise _open_error(path, None, e) from None
+    if h == 0 or w == 0:
+        raise DataError(f"cannot decode image {path}: empty image")
+    return info
+
+
+def decode_side(image_size: int, decode_scale: float = 2.0) -> int:
+    """The shorter side folder images are decoded to (at most): ``decode_scale`` x the training side."""
+    return max(int(image_size), int(round(decode_scale * image_size)))
+
+
+def _class_files(split_dir: str, classes: list[str], what: str) -> tuple[list[str], list[int]]:
+    """Image files and labels of ``split_dir/CLASS/**``; every CLASS must be one of ``classes``."""
+    index = {c: i for i, c in enumerate(classes)}
+    files: list[str] = []
+    labels: list[int] = []
+    for c in _subdirs(split_dir):
+        if c not in index:
+            raise DataError(f"class folder {os.path.join(split_dir, c)} is not a class of {what}")
+        found = _walk_images(os.path.join(split_dir, c))
+        if not found:
+            raise DataError(
+                f"class folder {os.path.join(split_dir, c)} contains no images "
+                f"(extensions: {' '.join(e[1:] for e in IMAGE_EXTENSIONS)})"
+            )
+        files.extend(found)
+        labels.extend([index[c]] * len(found))
+    return files, labels
+
+
+class ImageFolderDataset(ImageDataset):
+    """Lazy image folder: the layout ROOT/train/CLASS/*, ROOT/val|test/CLASS/*, ROOT/unlabeled/**
+    (labels -1), or one folder (:meth:`labeled`: FOLDER/CLASS/**; :meth:`unlabeled`: FOLDER/**).
+
+    ``__getitem__`` decodes an image whole (:func:`read_image`): uint8 ``[channels, h, w]``, its
+    aspect ratio kept, its shorter side at most ``decode_side`` (default 2 x ``image_size``, the side
+    of the training views); batches are :class:`~simclrv2.data.batch.ImageBatch` es. ``channels``
+    (3, or 1 for an all-gray dataset) and ``bit_depth`` (of images of more than 8 bits) are set by
+    :meth:`configure` (the stages decide them from the image check: :mod:`simclrv2.data.folders`).
+    :meth:`load_into_memory` decodes every image once and keeps them (small datasets).
+    ``ids`` are paths relative to the folder with '/' separators, e.g. ``train/cat/img1.png``.
+    Holds only paths and labels until then: picklable for DataLoader worker processes.
     """
 
     in_memory = False
-    channels = 3
+    variable_size = True
 
     def __init__(self, root: str | os.PathLike, split: str = "train", image_size: int = 224, name: str = "imagefolder"):
         root = os.path.abspath(os.path.expanduser(os.fspath(root)))
@@ -689,15 +809,6 @@ class ImageFolderDataset(ImageDataset):
         classes = _subdirs(train_dir)
         if not classes:
             raise DataError(f"image folder {train_dir} has no class subfolders (expected train/CLASS/*)")
-        self.root = root
-        self.name = name
-        self.split = split
-        self.classes = classes
-        self.image_size = int(image_size)
-        class_index = {c: i for i, c in enumerate(classes)}
-
-        files: list[str] = []
-        labels: list[int] = []
         if split == "unlabeled":
             split_dir = os.path.join(root, "unlabeled")
             if not os.path.isdir(split_dir):
@@ -715,35 +826,100 @@ class ImageFolderDataset(ImageDataset):
                     raise DataError(f"image folder {root} has no val/ (or test/) directory for the test split")
             else:
                 raise ConfigError(f"unknown split '{split}' for an image folder: expected train, test or unlabeled")
-            for c in _subdirs(split_dir):
-                if c not in class_index:
-                    raise DataError(
-                        f"class folder {os.path.join(split_dir, c)} is not a class of {train_dir} "
-                        f"(classes are the subfolders of train/)"
-                    )
-                found = _walk_images(os.path.join(split_dir, c))
-                if not found:
-                    raise DataError(
-                        f"class folder {os.path.join(split_dir, c)} contains no images "
-                        f"(extensions: {' '.join(e[1:] for e in IMAGE_EXTENSIONS)})"
-                    )
-                files.extend(found)
-                labels.extend([class_index[c]] * len(found))
+            files, labels = _class_files(split_dir, classes, f"{train_dir} (classes are the subfolders of train/)")
         if not files:
             raise DataError(f"the {split} split of image folder {root} is empty: no images in {split_dir}")
+        self._setup(root, files, labels, classes, split, name, image_size)
+
+    @classmethod
+    def labeled(cls, folder: str | os.PathLike, split: str, image_size: int, classes: Sequence[str] | None = None,
+                name: str = "imagefolder", option: str = "folder") -> ImageFolderDataset:
+        """FOLDER/CLASS/** (any nesting under each class). ``classes``: the class list it must keep to
+        (default: its own subfolders, sorted). ``option`` names the folder in errors (e.g. --test-dir)."""
+        folder = _existing_folder(folder, option)
+        own = _subdirs(folder)
+        if classes is None:
+            if not own:
+                raise DataError(f"{option} {folder} has no class subfolders (expected {option} DIR with DIR/CLASS/*)")
+            classes = own
+        files, labels = _class_files(folder, list(classes), f"the labelled images ({', '.join(classes)})")
+        if not files:
+            raise DataError(f"{option} {folder} has no images in class subfolders (expected DIR/CLASS/*)")
+        ds = cls.__new__(cls)
+        ds._setup(folder, files, labels, list(classes), split, name, image_size)
+        return ds
+
+    @classmethod
+    def unlabeled(cls, folder: str | os.PathLike, image_size: int, classes: Sequence[str] = (),
+                  name: str = "imagefolder", option: str = "folder") -> ImageFolderDataset:
+        """Every image under FOLDER, any nesting, labels -1 (subfolder names are not classes)."""
+        folder = _existing_folder(folder, option)
+        files = _walk_images(folder)
+        if not files:
+            raise DataError(f"{option} {folder} contains no images (extensions: "
+                            f"{' '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
+        ds = cls.__new__(cls)
+        ds._setup(folder, files, [-1] * len(files), list(classes), "unlabeled", name, image_size)
+        return ds
+
+    def _setup(self, root: str, files: list[str], labels: list[int], classes: list[str], split: str, name: str,
+               image_size: int) -> None:
         broken = next((p for p in files if "\n" in p or "\r" in p), None)
         if broken is not None:  # ids are written one per line (labeled_subset.txt, subset files)
             raise DataError(f"image file {broken!r} has a line break in its path; rename it (image names are "
                             "written one per line)")
+        self.root = root
+        self.name = name
+        self.split = split
+        self.classes = classes
+        self.image_size = int(image_size)
         self.ids = [os.path.relpath(p, root).replace(os.sep, "/") for p in files]
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.channels = 3
+        self.bit_depth: int | None = None  # None: images of more than 8 bits are scaled as 16-bit
+        self.decode_side = decode_side(self.image_size)
+        self._images: list[torch.Tensor] | None = None
+
+    def configure(self, image_size: int | None = None, channels: int | None = None, bit_depth: int | None = None,
+                  decode_scale: float | None = None) -> None:
+        """How images are decoded: the views' side (the decoded shorter side is ``decode_scale`` x it,
+        default 2), 1 or 3 channels, the bit depth of images of more than 8 bits."""
+        if self._images is not None:
+            raise RuntimeError("configure() an image folder before load_into_memory()")
+        if image_size is not None:
+            self.image_size = int(image_size)
+        if channels is not None:
+            self.channels = int(channels)
+        if bit_depth is not None:
+            self.bit_depth = int(bit_depth)
+        self._decode_scale = decode_scale if decode_scale is not None else getattr(self, "_decode_scale", 2.0)
+        self.decode_side = decode_side(self.image_size, self._decode_scale)
 
     def path(self, i: int) -> str:
         return os.path.join(self.root, *self.ids[i].split("/"))
 
+    def decode(self, i: int) -> torch.Tensor:
+        return read_image(self.path(i), self.decode_side, self.channels, self.bit_depth, self.path(i))
+
     def __getitem__(self, i) -> tuple[torch.Tensor, int]:
         i = int(_as_index_array([i], len(self))[0])
-        return decode_image(self.path(i), self.image_size, self.path(i)), int(self.labels[i])
+        image = self._images[i] if self._images is not None else self.decode(i)
+        return image, int(self.labels[i])
+
+    def load_into_memory(self, workers: int = 0) -> None:
+        """Decode every image once (``workers`` processes) and keep them: the dataset is then
+        in-memory (batches without DataLoader workers). The same images as decoding on access."""
+        loader = torch.utils.data.DataLoader(_Decoder(self), batch_size=32, num_workers=workers if len(self) >= 256 else 0,
+                                             collate_fn=list, generator=torch.Generator())
+        self._images = [im for chunk in loader for im in chunk]
+        self.in_memory = True
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if state.get("in_memory"):
+            return state
+        state["_images"] = None
+        return state
 
     def verify(self, skip_bad: bool = False) -> list[str]:
         """Decode every image. Returns the ids of unreadable ones; with ``skip_bad`` they are
@@ -751,7 +927,7 @@ class ImageFolderDataset(ImageDataset):
         bad = []
         for i in range(len(self)):
             try:
-                decode_image(self.path(i), self.image_size)
+                self.decode(i)
             except DataError:
                 bad.append(i)
         if bad and not skip_bad:
@@ -767,6 +943,26 @@ class ImageFolderDataset(ImageDataset):
             if not self.ids:
                 raise DataError(f"the {self.split} split of image folder {self.root} has no readable images")
         return bad_ids
+
+
+class _Decoder(torch.utils.data.Dataset):
+    """Image i of a folder, decoded (for load_into_memory's workers)."""
+
+    def __init__(self, ds: ImageFolderDataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.ds.decode(i)
+
+
+def _existing_folder(folder: str | os.PathLike, option: str) -> str:
+    folder = os.path.abspath(os.path.expanduser(os.fspath(folder)))
+    if not os.path.isdir(folder):
+        raise DataError(f"{option} {folder}: no such folder")
+    return folder
 
 
 # ----------------------------------------------------------------------------- views
@@ -789,6 +985,7 @@ class SubsetDataset(ImageDataset):
         self.channels = base.channels
         self.image_size = base.image_size
         self.in_memory = base.in_memory
+        self.variable_size = base.variable_size
 
     def __getitem__(self, i) -> tuple[torch.Tensor, int]:
         i = int(_as_index_array([i], len(self))[0])
@@ -836,6 +1033,7 @@ class ConcatImageDataset(ImageDataset):
         self.channels = first.channels
         self.image_size = first.image_size
         self.in_memory = all(d.in_memory for d in self.datasets)
+        self.variable_size = any(d.variable_size for d in self.datasets)
 
     def _locate(self, idx: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.offsets, idx, side="right") - 1
@@ -850,6 +1048,9 @@ class ConcatImageDataset(ImageDataset):
         if idx.size == 0:
             return self._empty_batch(), torch.zeros(0, dtype=torch.int64)
         which = self._locate(idx)
+        if self.variable_size:  # images of different sizes: gathered one by one into one padded batch
+            images = [self.datasets[k][int(i - self.offsets[k])][0] for k, i in zip(which, idx)]
+            return ImageBatch.from_images(images), torch.from_numpy(self.labels[idx])
         out = None
         for k in np.unique(which):
             pos = np.flatnonzero(which == k)

@@ -8,7 +8,8 @@ from simclrv2.errors import CheckpointError
 from simclrv2.models.head import Classifier, ProjectionHead, SimCLRModel
 from simclrv2.models.resnet import build_resnet
 
-SPEC_KEYS = ("kind", "depth", "width", "sk", "small_images", "in_channels", "head_layers", "proj_dim", "num_classes", "head_layer", "probe_norm")
+SPEC_KEYS = ("kind", "depth", "width", "sk", "small_images", "in_channels", "head_layers", "proj_dim", "num_classes", "head_layer", "probe_norm",
+             "feature_norm")
 
 
 def model_spec(kind: str, *, depth: int, width: float, sk: bool, small_images: bool, in_channels: int,
@@ -31,7 +32,7 @@ def build_model(spec: dict) -> nn.Module:
                                 probe_norm=bool(spec.get("probe_norm", False)))
         if spec["kind"] == "classifier":
             head = ProjectionHead(encoder.out_dim, spec["head_layers"], spec["proj_dim"]).truncated(spec["head_layer"])
-            return Classifier(encoder, spec["num_classes"], head)
+            return Classifier(encoder, spec["num_classes"], head, feature_norm=bool(spec.get("feature_norm", False)))
     except KeyError as e:
         raise CheckpointError(f"model spec is missing {e}") from None
     raise CheckpointError(f"unknown model kind {spec.get('kind')!r}; expected 'simclr' or 'classifier'")

@@ -106,13 +106,18 @@ class Classifier(nn.Module):
     """Encoder + the head up to layer k + a linear classifier: images -> logits.
 
     With ``head_layers=0`` it is the plain encoder + linear layer (supervised baseline, students,
-    SimCLR v1-style fine-tuning).
+    SimCLR v1-style fine-tuning). ``feature_norm``: the fc reads the features through a BatchNorm
+    without affine parameters (``feature_norm``, as the pretraining probe's ``probe_bn``): linear
+    evaluation of frozen features whose scale would make its learning rate unstable.
     """
 
-    def __init__(self, encoder: nn.Module, num_classes: int, head: ProjectionHead | None = None, zero_init: bool = False):
+    def __init__(self, encoder: nn.Module, num_classes: int, head: ProjectionHead | None = None, zero_init: bool = False,
+                 feature_norm: bool = False):
         super().__init__()
         self.encoder = encoder
         self.head = head if head is not None else ProjectionHead(encoder.out_dim, 0)
+        self.feature_norm = (nn.BatchNorm1d(self.head.out_dim, eps=BN_EPS, momentum=BN_MOMENTUM, affine=False)
+                             if feature_norm else None)
         self.fc = nn.Linear(self.head.out_dim, num_classes)
         if zero_init:  # the official fine-tuning starts from zero logits
             nn.init.zeros_(self.fc.weight)
@@ -128,9 +133,11 @@ class Classifier(nn.Module):
         return self.head(self.encoder(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
+        f = self.features(x)
+        return self.fc(self.feature_norm(f) if self.feature_norm is not None else f)
 
     @classmethod
-    def from_pretrained(cls, model: SimCLRModel, num_classes: int, head_layer: int) -> Classifier:
+    def from_pretrained(cls, model: SimCLRModel, num_classes: int, head_layer: int, feature_norm: bool = False) -> Classifier:
         """Fine-tuning model: a copy of the pretrained encoder and its head up to ``head_layer``."""
-        return cls(copy.deepcopy(model.encoder), num_classes, model.head.truncated(head_layer), zero_init=True)
+        return cls(copy.deepcopy(model.encoder), num_classes, model.head.truncated(head_layer), zero_init=True,
+                   feature_norm=feature_norm)

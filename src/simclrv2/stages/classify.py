@@ -11,16 +11,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import numpy as np
 from torch import nn
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.config import DistillConfig, FinetuneConfig, LinearEvalConfig, RunConfig, SupervisedConfig
-from simclrv2.data.augment import FinetuneAugment
+from simclrv2.data import subset
+from simclrv2.data.augment import EvalTransform, FinetuneAugment, active_view_transforms
 from simclrv2.distributed import global_count_share, wrap_model
-from simclrv2.engine import Task, batch_rows, fit
+from simclrv2.engine import Task, batch_rows, fit, predict
 from simclrv2.errors import ConfigError, DataError
 from simclrv2.losses import DistillationLoss
 from simclrv2.models import Classifier, build_model, count_params, model_spec, set_activation_checkpointing
+from simclrv2.optim import scale_lr
 from simclrv2.rundir import StageRun
 from simclrv2.runtime import Runtime, init_runtime, log
 from simclrv2.stages.common import (
@@ -40,8 +43,11 @@ class ClassificationTask(Task):
         if frozen_encoder:
             model.encoder.requires_grad_(False)
             model.head.requires_grad_(False)
-        self.net = wrap_model(model, rt, cfg.sync_bn and not frozen_encoder, cfg.compile)
-        self.augment = FinetuneAugment(image_size, crop_scale=(cfg.crop_min, 1.0), pad_crop=cfg.pad_crop)
+        # global BN where a BN trains: not in a frozen encoder, but in a linear classifier's feature norm
+        trains_bn = not frozen_encoder or getattr(model, "feature_norm", None) is not None
+        self.net = wrap_model(model, rt, cfg.sync_bn and trains_bn, cfg.compile)
+        self.augment = FinetuneAugment(image_size, crop_scale=(cfg.crop_min, 1.0), pad_crop=cfg.pad_crop,
+                                       extra=active_view_transforms())
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.distill = distill
         if adapt_classifier:
@@ -83,7 +89,10 @@ def _train_classifier(stage: str, cfg: RunConfig, model: Classifier, data, rt: R
     fitted = fit(task, cfg, rt, train_set, out, stage, meta, run)
     result: dict[str, Any] = {"stage": stage, "params": count_params(model), "seconds": fitted.seconds,
                               "label_fraction": label_fraction, "labeled_images": len(data.labeled)}
-    result.update(evaluate_classifier(model, data.test, rt, data.image_size, cfg.eval_batch_size, cfg.workers))
+    if data.test is not None:
+        result.update(evaluate_classifier(model, data.test, rt, data.image_size, cfg.eval_batch_size, cfg.workers))
+    else:
+        log.info(f"{stage}: no test images (--test-dir): no test accuracy")
     if data.val is not None:  # the split settings are chosen on (RESULTS.md: validation split)
         val = evaluate_classifier(model, data.val, rt, data.image_size, cfg.eval_batch_size, cfg.workers)
         result.update({f"val_{k}": v for k, v in val.items()}, val_images=len(data.val))
@@ -93,7 +102,8 @@ def _train_classifier(stage: str, cfg: RunConfig, model: Classifier, data, rt: R
 
 
 def _meta(spec, data, cfg) -> dict[str, Any]:
-    return {"model": spec, "classes": data.classes, "dataset": cfg.dataset, "image_size": data.image_size}
+    return {"model": spec, "classes": data.classes, "dataset": cfg.dataset, "image_size": data.image_size,
+            **data.meta()}
 
 
 def _label_fraction(cfg: RunConfig, data) -> float:
@@ -101,17 +111,12 @@ def _label_fraction(cfg: RunConfig, data) -> float:
 
 
 def _classes_needed(stage: str, cfg: RunConfig, data, train_set) -> None:
-    """Classification needs two classes, and a training set of at least one batch: say what is missing."""
+    """Classification needs two classes (a batch larger than the training set is capped: optim.plan_steps)."""
     if len(data.classes) < 2:
-        where = cfg.data_dir if cfg.dataset == "imagefolder" else cfg.dataset
+        where = cfg.labeled_dir or cfg.data_dir if cfg.dataset == "imagefolder" else cfg.dataset
+        layout = "DIR/CLASS" if cfg.labeled_dir else "train/CLASS"
         raise DataError(f"{stage}: {where} has {len(data.classes)} class ({', '.join(data.classes)}); classification "
-                        "needs at least 2 (one train/CLASS folder per class)")
-    if len(train_set) < cfg.batch_size and train_set is data.labeled:
-        how = (f"--subset-file {cfg.subset_file}" if cfg.subset_file else f"--labels-per-class {cfg.labels_per_class}"
-               if cfg.labels_per_class else f"--label-fraction {cfg.label_fraction:g}")
-        raise ConfigError(f"{stage}: --batch-size {cfg.batch_size} is larger than the {len(train_set)} labeled images "
-                          f"({how} of {len(data.train)} training images in {len(data.classes)} classes): label more "
-                          f"images (--label-fraction, --labels-per-class) or use --batch-size {len(train_set)} or less")
+                        f"needs at least 2 (one {layout} folder per class)")
 
 
 @stage_function("finetune", "pretrained")
@@ -150,12 +155,38 @@ def linear_eval(cfg: LinearEvalConfig, rt: Runtime, run: StageRun) -> dict[str, 
     pretrained, pmeta = load_model(cfg.pretrained, "simclr")
     data = prepare_data(cfg, out if rt.is_main else None, with_unlabeled_split=False)
     _classes_needed("linear-eval", cfg, data, data.labeled)
-    model = Classifier.from_pretrained(pretrained, len(data.classes), cfg.head_layer)
+    norm = _feature_norm(cfg, pretrained, data, rt)
+    model = Classifier.from_pretrained(pretrained, len(data.classes), cfg.head_layer, feature_norm=norm)
     spec = dict(pmeta["model"], kind="classifier", num_classes=len(data.classes), head_layer=cfg.head_layer)
+    if norm:
+        spec["feature_norm"] = True
     model = to_device(model, rt, cfg.channels_last)
     meta = _meta(spec, data, cfg) | {"pretrained": str(ckpt.resolve(cfg.pretrained))}
     return _train_classifier("linear_eval", cfg, model, data, rt, data.labeled, out, meta, _label_fraction(cfg, data),
                              run, frozen_encoder=True)
+
+
+def _feature_norm(cfg: LinearEvalConfig, pretrained: nn.Module, data, rt: Runtime) -> bool:
+    """``--feature-norm``: on, off, or auto: on when the frozen features are so large that the linear
+    classifier's learning rate is unstable. At its start (zero weights: uniform predictions over C
+    classes) the curvature of the cross-entropy along the fc weights is at most E||f||^2 / C (f: the
+    features plus the bias's 1); momentum SGD with Nesterov (0.9) diverges past lr x curvature ~1.4, so
+    auto turns the norm on when lr x E||f||^2 / C > 1, E over the first 256 labelled images (evaluation
+    view). Short pretraining leaves BatchNorm's running statistics far from the data's, and frozen
+    features then come out 10x too large (a digits folder at 224 px: |f| ~ 86 after 10 steps, loss 200+)."""
+    if cfg.feature_norm != "auto":
+        return cfg.feature_norm == "on"
+    k = cfg.head_layer
+    first = subset(data.labeled, np.arange(min(256, len(data.labeled))))
+    feats, _ = predict(pretrained.to(rt.device), first, rt, EvalTransform(data.image_size), cfg.eval_batch_size,
+                       fn=lambda m, x: m.head.hiddens(m.encoder(x))[k], workers=cfg.workers)
+    energy = float(feats.double().pow(2).sum(1).mean()) + 1.0
+    lr = scale_lr(cfg.lr, min(cfg.batch_size, len(data.labeled)), cfg.lr_scaling)
+    unstable = lr * energy / len(data.classes) > 1.0
+    if unstable:
+        log.info(f"linear_eval: frozen features of mean squared norm {energy:.4g} at lr {lr:.4g}: the classifier "
+                 "reads them through a BatchNorm (--feature-norm auto)")
+    return unstable
 
 
 @stage_function("distill", "teacher")
@@ -208,10 +239,19 @@ def evaluate(checkpoint: str, dataset: str | None = None, data_dir: str | None =
              device: str = "auto", precision: str = "auto", batch_size: int = 500, workers: int = 2) -> dict[str, Any]:
     """Top-1 / top-5 (percent) of a classifier checkpoint on a dataset split."""
     from simclrv2.data import load_dataset
+    from simclrv2.data.folders import folder_dataset
 
     model, meta = load_model(checkpoint, "classifier")
     rt = init_runtime(device, precision)
-    ds = load_dataset(dataset or meta["dataset"], split, data_dir, meta.get("image_size"))
+    name = dataset or meta["dataset"]
+    if name == "imagefolder" and data_dir is None and isinstance(meta.get("config"), dict):
+        config = meta["config"]  # the run's own folders (separate folders or the one-root layout)
+    else:
+        config = {"data_dir": data_dir}
+    if name == "imagefolder":  # decoded as the run decoded them
+        ds = folder_dataset(config, split, meta.get("image_size"), meta["model"]["in_channels"], meta.get("bit_depth"))
+    else:
+        ds = load_dataset(name, split, data_dir, meta.get("image_size"))
     source = ckpt.resolve(checkpoint)
     if ds.channels != meta["model"]["in_channels"] or len(ds.classes) != meta["model"]["num_classes"]:
         raise ConfigError(f"{source}: model expects {meta['model']['in_channels']}-channel images and "

@@ -13,10 +13,10 @@ from torch import nn
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.config import RunConfig
-from simclrv2.data import (ImageDataset, ImageFolderDataset, concat, hide_labels, load_dataset, split_labeled, subset,
-                           validation_indices, write_subset_file)
+from simclrv2.data import (ImageDataset, concat, hide_labels, load_dataset, split_labeled, subset, validation_indices,
+                           write_subset_file)
 from simclrv2.data.augment import EvalTransform
-from simclrv2.data.image_check import unreadable_images
+from simclrv2.data.folders import load_folders
 from simclrv2.distributed import broadcast_object
 from simclrv2.engine import predict, topk_accuracy
 from simclrv2.errors import CheckpointError, ConfigError, DataError
@@ -27,18 +27,30 @@ from simclrv2.runtime import Runtime, log
 
 @dataclass
 class Data:
-    train: ImageDataset  # the whole training split, labels intact
-    test: ImageDataset
+    train: ImageDataset  # the whole training split, labels intact (image folders: the labelled folder, maybe empty)
+    test: ImageDataset | None  # None: no test images (image folders without --test-dir)
     labeled: ImageDataset  # the class-balanced labeled subset
     unlabeled: ImageDataset  # everything else, labels hidden (-1): the rest of train + any unlabeled split
     image_size: int
     channels: int
     classes: list[str]
     val: ImageDataset | None = None  # the validation split (--val-size), labels intact; its images are in the pool
+    stem: str = "auto"  # --stem: auto | small | imagenet
+    bit_depth: int | None = None  # image folders: the bit depth images of more than 8 bits were scaled by
 
     @property
     def small_images(self) -> bool:
-        return self.image_size <= 32
+        """The small-image stem (docs/method.md §1): --stem small, or auto at <= 32 px."""
+        return self.stem == "small" or (self.stem == "auto" and self.image_size <= 32)
+
+    @property
+    def has_knn(self) -> bool:
+        """Labelled training images and test images: the kNN monitor can run."""
+        return self.test is not None and len(self.train) > 0
+
+    def meta(self) -> dict[str, Any]:
+        """Checkpoint metadata of the data: the bit depth image folders' images were scaled by."""
+        return {"bit_depth": self.bit_depth} if self.bit_depth is not None else {}
 
     def all_images(self) -> ImageDataset:
         """Labeled subset + unlabeled pool: what pretraining and distillation see."""
@@ -46,19 +58,25 @@ class Data:
 
 
 def prepare_data(cfg: RunConfig, out_dir: Path | None = None, with_unlabeled_split: bool = True) -> Data:
-    """Load the splits, check every image of an on-disk image folder (:func:`check_images`), and
-    split the training images into the labeled subset and the unlabeled pool."""
-    train = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.image_size)
-    test = load_dataset(cfg.dataset, "test", cfg.data_dir, cfg.image_size)
-    extra = None
-    if with_unlabeled_split:
-        try:
-            extra = load_dataset(cfg.dataset, "unlabeled", cfg.data_dir, cfg.image_size)
-        except DataError:
-            pass  # this dataset has no separate unlabeled split
-    check_images([d for d in (train, test, extra) if d is not None], cfg)
+    """Load the splits (image folders: checked and configured, :func:`simclrv2.data.folders.load_folders`)
+    and split the training images into the labeled subset and the unlabeled pool."""
+    folders = None
+    if cfg.dataset == "imagefolder":
+        folders = load_folders(cfg, _stage_of(cfg), with_unlabeled_split)
+        train, test, extra = folders.train, folders.test, folders.unlabeled
+    else:
+        train = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.image_size)
+        test = load_dataset(cfg.dataset, "test", cfg.data_dir, cfg.image_size)
+        extra = None
+        if with_unlabeled_split:
+            try:
+                extra = load_dataset(cfg.dataset, "unlabeled", cfg.data_dir, cfg.image_size)
+            except DataError:
+                pass  # this dataset has no separate unlabeled split
     val_idx = validation_indices(train.labels, cfg.val_size, cfg.seed) if cfg.val_size else None
-    if cfg.label_fraction == 1.0 and cfg.labels_per_class is None and cfg.subset_file is None:
+    if not len(train):  # image folders without labelled images: only the unlabeled ones
+        labeled, unlabeled = train, None
+    elif cfg.label_fraction == 1.0 and cfg.labels_per_class is None and cfg.subset_file is None:
         if val_idx is None:
             labeled, unlabeled = train, None
         else:  # every label but the validation split's; its images stay in the pool, labels hidden
@@ -67,6 +85,10 @@ def prepare_data(cfg: RunConfig, out_dir: Path | None = None, with_unlabeled_spl
     else:
         fraction = None if cfg.labels_per_class is not None else cfg.label_fraction  # a count overrides the fraction
         labeled, unlabeled = split_labeled(train, fraction, cfg.labels_per_class, cfg.seed, cfg.subset_file, val_idx)
+        how = (f"the subset file {cfg.subset_file}" if cfg.subset_file else f"{cfg.labels_per_class} per class"
+               if cfg.labels_per_class else f"{fraction:g} of each class")
+        log.info(f"{_stage_of(cfg)}: labelled subset ({how}, seed {cfg.seed}): {len(labeled)} of the {len(train)} "
+                 "labelled training images; the others are used as unlabeled images")
     if cfg.subset_file is not None:
         _require_every_class(labeled, f"subset file {cfg.subset_file}")
     pools = [unlabeled] if unlabeled is not None and len(unlabeled) else []
@@ -75,13 +97,20 @@ def prepare_data(cfg: RunConfig, out_dir: Path | None = None, with_unlabeled_spl
     unl = concat(pools) if pools else _empty_like(labeled)
     if out_dir is not None:
         write_subset_file(Path(out_dir) / "labeled_subset.txt", list(labeled.ids))
-    size = cfg.image_size or train.image_size
+    size = folders.image_size if folders is not None else cfg.image_size or train.image_size
     if size is None:
         raise DataError(f"{cfg.dataset}: images have no fixed size; pass --image-size")
     if out_dir is not None and val_idx is not None:
         write_subset_file(Path(out_dir) / "validation_split.txt", [train.ids[i] for i in val_idx])
     val = subset(train, val_idx) if val_idx is not None else None
-    return Data(train, test, labeled, unl, int(size), train.channels, list(train.classes), val)
+    return Data(train, test, labeled, unl, int(size), train.channels, list(train.classes), val,
+                getattr(cfg, "stem", "auto"), folders.bit_depth if folders is not None else None)
+
+
+def _stage_of(cfg: RunConfig) -> str:
+    from simclrv2.config import STAGE_CONFIGS
+
+    return next((name for name, cls in STAGE_CONFIGS.items() if type(cfg) is cls), "stage")
 
 
 def _require_every_class(labeled: ImageDataset, source: str) -> None:
@@ -91,47 +120,6 @@ def _require_every_class(labeled: ImageDataset, source: str) -> None:
     if empty:
         raise DataError(f"{source} gives class '{empty[0]}' no labeled images ({len(empty)} of {len(labeled.classes)} "
                         "classes have none); every class needs at least one labeled image")
-
-
-# ------------------------------------------------------------------ checking image folders up front
-
-def _drop(ds: ImageFolderDataset, ids: set[str]) -> None:
-    keep = [i for i, name in enumerate(ds.ids) if name not in ids]
-    if not keep:
-        raise DataError(f"the {ds.split} split of image folder {ds.root} has no readable images")
-    ds.ids = [ds.ids[i] for i in keep]
-    ds.labels = ds.labels[np.asarray(keep, dtype=np.int64)]
-    if ds.split != "unlabeled":
-        counts = np.bincount(ds.labels, minlength=len(ds.classes))
-        empty = [c for c, n in zip(ds.classes, counts) if n == 0]
-        if empty:
-            raise DataError(f"class '{empty[0]}' of image folder {ds.root} {ds.split} has no readable images left "
-                            f"after skipping {len(ids)} unreadable ones")
-
-
-def check_images(datasets: list[ImageDataset], cfg: RunConfig) -> None:
-    """Decode every image of the on-disk image folders among ``datasets`` before training
-    (:mod:`simclrv2.data.image_check`: sharded over processes, cached per file), so that no
-    DataLoader worker meets a bad file hours later. Unreadable files stop the stage with a
-    DataError naming the first one, or with ``cfg.skip_bad_images`` are dropped (count and first
-    names logged). In-memory datasets need no check."""
-    folders = [d for d in datasets if isinstance(d, ImageFolderDataset)]
-    if not folders:
-        return
-    if not cfg.check_images:
-        log.warning("image check skipped (--no-check-images): an unreadable image will stop training "
-                    "when a data loader meets it")
-        return
-    for ds in folders:
-        bad, _ = unreadable_images(ds, cfg.workers)
-        if not bad:
-            continue
-        if not cfg.skip_bad_images:
-            raise DataError(f"{bad[0][1]}; {len(bad)} unreadable image(s) in {ds.root} {ds.split} "
-                            "(fix or remove them, or pass --skip-bad-images to skip them)")
-        names = ", ".join(i for i, _ in bad[:3]) + (", ..." if len(bad) > 3 else "")
-        log.warning(f"skipping {len(bad)} unreadable image(s) of {ds.root} {ds.split}: {names}")
-        _drop(ds, {i for i, _ in bad})
 
 
 def _empty_like(ds: ImageDataset) -> ImageDataset:

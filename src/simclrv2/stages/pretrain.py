@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from simclrv2.config import PretrainConfig
-from simclrv2.data.augment import EvalTransform, PretrainAugment
+from simclrv2.data.augment import EvalTransform, PretrainAugment, active_view_transforms
 from simclrv2.distributed import global_count_share, wrap_model
 from simclrv2.engine import Task, batch_rows, fit, knn_accuracy, predict
 from simclrv2.losses import NTXentLoss, gather_with_grad
@@ -30,7 +30,7 @@ class ContrastiveTask(Task):
         set_activation_checkpointing(model, cfg.activation_checkpointing)
         self.net = wrap_model(model, rt, cfg.sync_bn, cfg.compile)
         self.augment = PretrainAugment(data.image_size, crop_scale=(cfg.crop_min, 1.0), color_strength=cfg.color_strength,
-                                       blur=cfg.blur)
+                                       blur=cfg.blur, extra=active_view_transforms())
         self.criterion = NTXentLoss(cfg.temperature, gather_distributed=rt.distributed)
         self.channels_last = cfg.channels_last
         self.ema = None
@@ -121,7 +121,7 @@ class ContrastiveTask(Task):
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
-        if not (cfg.knn_every and epoch % max(1, int(cfg.knn_every)) == 0):
+        if not (cfg.knn_every and epoch % max(1, int(cfg.knn_every)) == 0) or not self.data.has_knn:
             return {}
         return {"knn": knn_eval(self.model.encoder, self.data, self.rt, cfg.knn_k, cfg.knn_train_size, cfg.eval_batch_size,
                                 cfg.workers)}
@@ -155,12 +155,13 @@ def pretrain(cfg: PretrainConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
                       num_classes=len(data.classes) if cfg.probe else None, probe_norm=cfg.probe)
     model = to_device(build_model(spec), rt, cfg.channels_last)
     task = ContrastiveTask(model, cfg, data, rt)
-    meta = {"model": spec, "classes": data.classes, "dataset": cfg.dataset, "image_size": data.image_size}
+    meta = {"model": spec, "classes": data.classes, "dataset": cfg.dataset, "image_size": data.image_size,
+            **data.meta()}
     fitted = fit(task, cfg, rt, data.all_images(), out, "pretrain", meta, run)
     # the last epoch's, when fit evaluated it (a run continued from its final checkpoint trained nothing here:
     # its last row is the resumed checkpoint's)
     knn = fitted.last_row.get("knn")
-    if knn is None:
+    if knn is None and data.has_knn:
         knn = knn_eval(model.encoder, data, rt, cfg.knn_k, cfg.knn_train_size, cfg.eval_batch_size, cfg.workers)
     result = {"stage": "pretrain", "knn": knn, "params": count_params(model), "seconds": fitted.seconds,
               "final_loss": fitted.last_row.get("loss")}
