@@ -281,8 +281,8 @@ def test_the_fashion_mnist_presets_train_as_before(preset):
 
 
 def test_linear_eval_reads_large_frozen_features_through_a_norm(tiny_pretrained, tmp_path):
-    """A frozen encoder whose BN statistics lag (short pretraining) gives features so large that the
-    linear classifier's lr diverges (loss in the hundreds): auto turns the feature norm on."""
+    """A frozen encoder whose BN running statistics lag its weights (short pretraining) gives features so large
+    that the linear classifier's loss blows up: auto turns the feature norm on; not for a sound encoder."""
     from simclrv2.stages import linear_eval
 
     base = dict(dataset="digits", precision="fp32", label_fraction=0.1, epochs=3, batch_size=64, log_every=1000,

@@ -43,8 +43,9 @@ HELP = {
     "stem": "ResNet stem: small (3x3 stride-1 convolution, no max pool; for small images) | imagenet (7x7 stride-2 "
             "convolution + max pool) | auto (small at <= 32 px); recorded in the model",
     "feature_norm": "linear evaluation: read the frozen features through a BatchNorm without affine parameters: on | "
-                    "off | auto (on when the features are so large that the learning rate would be unstable: "
-                    "lr x mean squared feature norm / classes > 1)",
+                    "off | auto (on when BatchNorm's running statistics do not describe the encoder: its features "
+                    "in evaluation mode are over 2x larger or smaller than with batch statistics, as after a short "
+                    "pretraining, where the classifier's loss can blow up)",
     "min_steps": "train at least this many optimiser steps (epochs are raised on a small labelled set; the built-in "
                  "presets train longer already); 0 = exactly --epochs",
     "label_fraction": "fraction of labeled training images per class, e.g. 0.01 or 0.1 (--labeled-dir: default 1, "
