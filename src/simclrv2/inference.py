@@ -63,8 +63,8 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
     return paths
 
 
-def _decode(path: str, image_size: int, channels: int) -> torch.Tensor:
-    img = decode_image(path, image_size)  # uint8 [3, S, S], RGB; DataError names the file
+def _decode(path: str, image_size: int, channels: int, bit_depth: int | None = None) -> torch.Tensor:
+    img = decode_image(path, image_size, bit_depth=bit_depth)  # uint8 [3, S, S], RGB; DataError names the file
     if channels == 1:
         from PIL import Image
 
@@ -73,16 +73,18 @@ def _decode(path: str, image_size: int, channels: int) -> torch.Tensor:
     return img
 
 
-def load_images(paths: Sequence[str], image_size: int, channels: int = 3, workers: int | None = None) -> torch.Tensor:
-    """uint8 [N, channels, S, S] of ``paths``, decoded in parallel threads (Pillow releases the GIL)."""
+def load_images(paths: Sequence[str], image_size: int, channels: int = 3, workers: int | None = None,
+                bit_depth: int | None = None) -> torch.Tensor:
+    """uint8 [N, channels, S, S] of ``paths``, decoded in parallel threads (Pillow releases the GIL);
+    ``bit_depth``: of images of more than 8 bits, as the model's run scaled them (checkpoint ``bit_depth``)."""
     if channels not in (1, 3):
         raise ConfigError(f"models take 1 or 3 channels, not {channels}")
     workers = workers or min(8, os.cpu_count() or 1)
     if workers > 1 and len(paths) > 1:
         with ThreadPoolExecutor(workers) as pool:
-            images = list(pool.map(lambda p: _decode(p, image_size, channels), paths))
+            images = list(pool.map(lambda p: _decode(p, image_size, channels, bit_depth), paths))
     else:
-        images = [_decode(p, image_size, channels) for p in paths]
+        images = [_decode(p, image_size, channels, bit_depth) for p in paths]
     return torch.stack(images)
 
 
@@ -137,7 +139,7 @@ def _bar(total: int, desc: str):
 
 @torch.no_grad()
 def _run(model: nn.Module, fn: Callable, paths: list[str], image_size: int, channels: int, rt: Runtime,
-         batch_size: int, desc: str) -> torch.Tensor:
+         batch_size: int, desc: str, bit_depth: int | None = None) -> torch.Tensor:
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     transform = EvalTransform(image_size)
@@ -146,7 +148,7 @@ def _run(model: nn.Module, fn: Callable, paths: list[str], image_size: int, chan
     try:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
-            x = transform(load_images(chunk, image_size, channels).to(rt.device))
+            x = transform(load_images(chunk, image_size, channels, bit_depth=bit_depth).to(rt.device))
             with rt.autocast():
                 outs.append(fn(model, x).float().cpu())
             if bar is not None:
@@ -178,7 +180,8 @@ def embed(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], ou
     model, meta, rt = _open(checkpoint, None, device, precision)
     fn, layer = feature_function(model, meta, head_layer)
     size, channels = _spec_image(meta)
-    feats = _run(model, fn, paths, size, channels, rt, batch_size, "embed").numpy().astype(np.float32, copy=False)
+    feats = _run(model, fn, paths, size, channels, rt, batch_size, "embed",
+                 meta.get("bit_depth")).numpy().astype(np.float32, copy=False)
     result: dict[str, Any] = {"features": feats, "paths": paths, "layer": layer, "checkpoint": meta["_source"],
                               "kind": meta["model"]["kind"], "out": None, "paths_file": None}
     if out is not None:
@@ -202,7 +205,7 @@ def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], 
     paths = collect_images(images)
     model, meta, rt = _open(checkpoint, "classifier", device, precision)
     size, channels = _spec_image(meta)
-    logits = _run(model, lambda m, x: m(x), paths, size, channels, rt, batch_size, "predict")
+    logits = _run(model, lambda m, x: m(x), paths, size, channels, rt, batch_size, "predict", meta.get("bit_depth"))
     probs = logits.softmax(dim=1)
     classes = list(meta.get("classes") or [str(i) for i in range(probs.shape[1])])
     k = min(top_k, probs.shape[1])

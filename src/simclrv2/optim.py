@@ -135,7 +135,7 @@ def plan_steps(stage: str, cfg, n_images: int, world_size: int = 1) -> tuple[int
     The batch is ``cfg.batch_size`` capped by the images (the largest multiple of the processes that
     fits; a log line says so); the steps are ``cfg.epochs`` epochs of ``n_images // batch`` steps,
     at least ``cfg.min_steps`` (classifier stages: on a small labelled set more epochs; the
-    built-in presets already train longer, README "Schedules"). A warning names the stage when
+    built-in presets already train longer; docs/method.md §8). A warning names the stage when
     the run has fewer than ``SHORT_RUN`` steps."""
     batch = cfg.batch_size
     if batch > n_images >= world_size:

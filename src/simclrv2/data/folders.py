@@ -25,7 +25,8 @@ whatever the stage uses, so that every stage of a recipe decides the same:
   rounded to a multiple of 8, within 32..224 px (one root: 224, as before).
 
 Images are then decoded whole (:func:`~simclrv2.data.sources.read_image`: shorter side at most
-``--decode-scale`` x the image size, aspect ratio kept) and, when they fit in
+``--decode-scale`` x the image size, aspect ratio kept: the crops are cut from the whole image,
+docs/method.md §5) and, when they fit in
 ``--image-cache-gb``, decoded once and kept in memory.
 """
 

@@ -716,9 +716,10 @@ def _resize_array(arr: np.ndarray, height: int, width: int) -> np.ndarray:
     return out if out.ndim == 3 else out[:, :, None]
 
 
-def decode_image(path: str, image_size: int, label: str | None = None) -> torch.Tensor:
-    """Decode an image file to uint8 [3, S, S]: shorter side resized to S (bilinear), centre crop."""
-    arr = read_image(path, image_size, 3, None, label).permute(1, 2, 0).numpy()
+def decode_image(path: str, image_size: int, label: str | None = None, bit_depth: int | None = None) -> torch.Tensor:
+    """Decode an image file to uint8 [3, S, S]: shorter side resized to S (bilinear), centre crop
+    (``bit_depth``: of images of more than 8 bits, :func:`_to_array`)."""
+    arr = read_image(path, image_size, 3, bit_depth, label).permute(1, 2, 0).numpy()
     h, w = arr.shape[:2]
     if (h, w) != (image_size, image_size):
         s = image_size / min(h, w)

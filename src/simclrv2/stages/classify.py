@@ -167,7 +167,7 @@ def linear_eval(cfg: LinearEvalConfig, rt: Runtime, run: StageRun) -> dict[str, 
 
 
 def _feature_norm(cfg: LinearEvalConfig, pretrained: nn.Module, data, rt: Runtime) -> bool:
-    """``--feature-norm``: on, off, or auto: on when BatchNorm's running statistics do not describe the
+    """``--feature-norm`` (docs/method.md §8): on, off, or auto: on when BatchNorm's running statistics do not describe the
     frozen encoder, i.e. its features in evaluation mode (running statistics) differ in scale from its
     features in training mode (the batch's statistics) by more than 2x (4x in mean squared norm), on
     the first 256 labelled images (evaluation view). Short pretraining leaves the running statistics
