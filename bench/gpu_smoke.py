@@ -93,10 +93,11 @@ class Context:
         self._checkpoints: dict[str, Path] | None = None
 
     def common(self, out: str) -> dict:
-        """Options every stage call shares: a few steps (batch 16 of 64 images: 4 per epoch)."""
+        """Options every stage call shares: a few steps (batch 16 of 64 images: 4 per epoch; no minimum)."""
         return dict(out=str(self.root / out), dataset="imagefolder", data_dir=str(self.folder()), image_size=self.image_size,
                     device=self.device, precision=self.precision, channels_last=True, workers=0, batch_size=16,
-                    epochs=1, label_fraction=0.5, log_every=1000, checkpoint_every=1000, eval_batch_size=32, seed=0)
+                    epochs=1, min_steps=0, label_fraction=0.5, log_every=1000, checkpoint_every=1000, eval_batch_size=32,
+                    seed=0)
 
     def folder(self) -> Path:
         """ROOT/train/CLASS/*.png, ROOT/val/CLASS/*.png: smooth random colour images, 72 px."""

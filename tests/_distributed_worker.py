@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-DIGITS = dict(dataset="digits", precision="fp32", device="cpu", seed=3, log_every=1, checkpoint_every=1000,
+DIGITS = dict(dataset="digits", precision="fp32", device="cpu", seed=3, log_every=1, checkpoint_every=1000, min_steps=0,
               label_fraction=0.1)
 MODEL = dict(depth=18, width=0.125)
 STEPS = 3

@@ -633,7 +633,8 @@ SOAK = int(os.environ.get("SIMCLRV2_SOAK") or 0) or 2
 SOAK_EPOCHS = 1 if SOAK <= 10 else 2  # a run of 11 steps per epoch: room for N kills at about one step apart
 SOAK_STEPS = 11 * SOAK_EPOCHS  # every case: 1437 images / 128, or 721 labeled (50%) / 64
 SOAK_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-_SOAK_NET = ["--dataset", "digits", "--precision", "fp32", "--epochs", str(SOAK_EPOCHS), "--checkpoint-every", "1",
+_SOAK_NET = ["--dataset", "digits", "--precision", "fp32", "--epochs", str(SOAK_EPOCHS), "--min-steps", "0",
+             "--checkpoint-every", "1",
              "--log-every", "1"]
 _MODEL = ["--depth", "18", "--width", "0.0625"]
 
@@ -797,7 +798,7 @@ def test_soak_random_sigkill_and_rerun_every_stage(tmp_path):
 def test_soak_random_sigkill_and_rerun_the_pipeline(tmp_path):
     args = ["pipeline", "--preset", "tiny", "--set", "pretrain.epochs=1", "--set", "supervised.epochs=2",
             "--set", "finetune.epochs=2", "--set", "linear_eval.epochs=1", "--set", "distill.epochs=0.3",
-            "--set", "checkpoint_every=1"]
+            "--set", "checkpoint_every=1", "--set", "min_steps=0"]
     ref = tmp_path / "reference"
     rc, text = run(*args, "--out", str(ref))
     assert rc == 0, text

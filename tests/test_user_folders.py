@@ -329,3 +329,17 @@ def test_recipe_on_a_users_folders_through_the_cli(digits, tmp_path):
     rc, text, err = run("evaluate", str(out / "labels_1" / "distill_self"), "--precision", "fp32")
     assert rc == 0, err
     assert math.isclose(json.loads(text)["top1"], top1["self"], abs_tol=1e-9)
+
+
+def test_a_stage_from_a_checkpoint_sees_the_images_as_its_run_did(digits, tmp_path):
+    """Fine-tuning given only --labeled-dir after pretraining at another size: the checkpoint's image size,
+    channels and bit depth, not those its own folders would give (40 px here)."""
+    common = ["--labeled-dir", str(digits / "labeled"), "--precision", "fp32", "--epochs", "1", "--batch-size", "50"]
+    rc, _, err = run("pretrain", *common, "--image-size", "24", "--depth", "18", "--width", "0.0625",
+                     "--knn-every", "0", "--out", str(tmp_path / "pre"))
+    assert rc == 0, err
+    rc, _, err = run("finetune", *common, "--min-steps", "1", "--pretrained", str(tmp_path / "pre"),
+                     "--out", str(tmp_path / "ft"))
+    assert rc == 0, err
+    meta = ckpt.read_meta(tmp_path / "ft" / "final.safetensors")
+    assert (meta["image_size"], meta["model"]["in_channels"], meta["bit_depth"]) == (24, 1, 12)

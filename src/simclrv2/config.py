@@ -67,6 +67,7 @@ class RunConfig:
     subset_file: str | None = None
     val_size: int = 0  # training images held out (class-balanced, seeded) as a validation split; 0 = none
     sync_bn: bool = True  # global BatchNorm across processes
+    min_steps: int = 0  # at least this many optimiser steps (classifier stages: MIN_STEPS; 0 = exactly --epochs)
     checkpoint_every: int = 200  # steps
     log_every: int = 50  # steps
     eval_batch_size: int = 500

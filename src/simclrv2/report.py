@@ -319,7 +319,9 @@ def feature_map(out: str | Path, checkpoint: str | Path, dataset: str | None = N
             return saved["info"]
 
     if key["dataset"] == "imagefolder":  # decoded as the run decoded them, from its own folders unless data_dir
-        config = meta.get("config") if data_dir is None and isinstance(meta.get("config"), dict) else {"data_dir": data_dir}
+        run_config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+        config = run_config if data_dir is None and run_config else {"data_dir": data_dir,
+                                                                      "decode_scale": run_config.get("decode_scale")}
         test = folder_dataset(config, "test", meta.get("image_size"), meta["model"]["in_channels"], meta.get("bit_depth"))
     else:
         test = load_dataset(key["dataset"], "test", data_dir, meta.get("image_size"))

@@ -24,6 +24,10 @@ whatever the stage uses, so that every stage of a recipe decides the same:
 * **image size** (separate folders, no ``--image-size``): the median shorter side of the images,
   rounded to a multiple of 8, within 32..224 px (one root: 224, as before).
 
+A stage that starts from a checkpoint (fine-tuning, linear evaluation: ``--pretrained``;
+distillation: ``--teacher``) takes these from it instead (the model's channels; the image size and
+bit depth unless given), so that it sees the images as the model's run did.
+
 Images are then decoded whole (:func:`~simclrv2.data.sources.read_image`: shorter side at most
 ``--decode-scale`` x the image size, aspect ratio kept: the crops are cut from the whole image,
 docs/method.md §5) and, when they fit in
@@ -104,6 +108,9 @@ def load_folders(cfg, stage: str, with_unlabeled: bool = True, workers: int | No
     size = cfg.image_size or (auto_image_size(summary) if uses_folders(cfg) else DEFAULT_FOLDER_SIZE)
     channels = 1 if summary.gray else 3
     bits = resolve_bit_depth(cfg.bit_depth, summary)
+    source = _input_checkpoint(cfg)
+    if source is not None:  # a stage that starts from a model sees its images as that model's run did
+        size, channels, bits = _inherit(source, cfg, size, channels, bits)
     for d in folders:
         d.configure(image_size=size, channels=channels, bit_depth=bits, decode_scale=cfg.decode_scale)
     keep = [d for d in folders if with_unlabeled or d is not unlabeled]
@@ -115,6 +122,35 @@ def load_folders(cfg, stage: str, with_unlabeled: bool = True, workers: int | No
              + f"; {', '.join(notes)}")
     train = labeled if labeled is not None else subset(unlabeled, [])  # no labelled images: an empty set
     return FolderData(train, test, unlabeled if with_unlabeled else None, size, channels, bits)
+
+
+def _input_checkpoint(cfg) -> str | None:
+    """The checkpoint a stage starts from (fine-tuning / linear evaluation: --pretrained; distillation:
+    --teacher), when it exists."""
+    from simclrv2.checkpoint import resolve
+
+    path = getattr(cfg, "pretrained", None) or getattr(cfg, "teacher", None)
+    if not path:
+        return None
+    try:
+        return str(resolve(path))
+    except Exception:  # noqa: BLE001 - a missing checkpoint is reported by the stage, naming it
+        return None
+
+
+def _inherit(source: str, cfg, size: int, channels: int, bits: int) -> tuple[int, int, int]:
+    """(image size, channels, bit depth) of the run that wrote ``source``, where it recorded them and
+    the options leave them open (--image-size, --bit-depth auto): its folders may be others than
+    this stage's (e.g. fine-tuning given only --labeled-dir after pretraining on more images)."""
+    from simclrv2.checkpoint import read_meta
+
+    meta = read_meta(source)
+    if cfg.image_size is None and meta.get("image_size"):
+        size = int(meta["image_size"])
+    channels = int((meta.get("model") or {}).get("in_channels", channels))
+    if str(cfg.bit_depth) == "auto" and meta.get("bit_depth"):
+        bits = int(meta["bit_depth"])
+    return size, channels, bits
 
 
 def auto_image_size(summary: FolderSummary) -> int:

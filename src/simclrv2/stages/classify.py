@@ -252,10 +252,11 @@ def evaluate(checkpoint: str, dataset: str | None = None, data_dir: str | None =
     model, meta = load_model(checkpoint, "classifier")
     rt = init_runtime(device, precision)
     name = dataset or meta["dataset"]
-    if name == "imagefolder" and data_dir is None and isinstance(meta.get("config"), dict):
-        config = meta["config"]  # the run's own folders (separate folders or the one-root layout)
+    run_config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    if name == "imagefolder" and data_dir is None and run_config:
+        config = run_config  # the run's own folders (separate folders or the one-root layout)
     else:
-        config = {"data_dir": data_dir}
+        config = {"data_dir": data_dir, "decode_scale": run_config.get("decode_scale")}
     if name == "imagefolder":  # decoded as the run decoded them
         ds = folder_dataset(config, split, meta.get("image_size"), meta["model"]["in_channels"], meta.get("bit_depth"))
     else:
