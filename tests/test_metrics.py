@@ -107,7 +107,7 @@ def test_fit_writes_csv_next_to_jsonl(tmp_path):
 
     out = tmp_path / "sup"
     supervised(make_config("supervised", out=str(out), dataset="digits", depth=18, width=0.0625, epochs=2,
-                           batch_size=128, precision="fp32", label_fraction=0.2, log_every=1))
+                           batch_size=128, precision="fp32", label_fraction=0.2, log_every=1, min_steps=0))
     rows = read_jsonl(out / "metrics.jsonl")
     assert rows and rows[-1]["epoch"] == 2.0
     _same(_csv(out / "metrics.csv"), rows)

@@ -93,13 +93,14 @@ def make_folder(root: Path, classes=("a", "b", "c"), per_class: int = 8, size: i
 
 def folder_args(root: Path, out: Path, *extra: str) -> list[str]:
     return ["supervised", "--out", str(out), "--dataset", "imagefolder", "--data-dir", str(root), "--image-size", "16",
-            *TINY_NET, "--epochs", "1", "--batch-size", "8", "--label-fraction", "1", "--workers", "0", *extra]
+            *TINY_NET, "--epochs", "1", "--batch-size", "8", "--label-fraction", "1", "--workers", "0", "--min-steps", "0",
+            *extra]
 
 
 def digits_args(stage: str, out: Path, *extra: str) -> list[str]:
     net = TINY_NET if stage in ("supervised", "pretrain", "distill") else TINY_NET[4:]
     return [stage, "--out", str(out), "--dataset", "digits", *net, "--label-fraction", "0.1", "--epochs", "1",
-            "--batch-size", "48", *extra]
+            "--batch-size", "48", "--min-steps", "0", *extra]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -421,7 +422,7 @@ def test_unreadable_images_fail_naming_the_file_or_are_skipped(tmp_path):
     assert rc == 0, text
     assert "skipping 2 unreadable image(s)" in text and "train/b/b3.png" in text and "train/c/notes.jpg" in text
     cached = [json.loads(line) for line in cache_path(str(root), "train", 16).read_text().splitlines()]
-    assert sorted(i for i, _, _, reason in cached if reason) == ["train/b/b3.png", "train/c/notes.jpg"]
+    assert sorted(i for i, _, _, reason, _ in cached if reason) == ["train/b/b3.png", "train/c/notes.jpg"]
     assert len((out / "labeled_subset.txt").read_text().split()) == 23  # 24 + notes.jpg - 2
     assert_outputs_whole(out)
 
@@ -498,7 +499,8 @@ def test_dataloader_worker_errors_are_one_line(tmp_path, monkeypatch):
         return original(self, i)
 
     monkeypatch.setattr(ImageFolderDataset, "__getitem__", breaks_in_worker)
-    line = error_line(*run(*folder_args(root, tmp_path / "a", "--workers", "1")))
+    lazy = ["--workers", "1", "--image-cache-gb", "0"]  # decoded by the DataLoader worker during training
+    line = error_line(*run(*folder_args(root, tmp_path / "a", *lazy)))
     assert "broken after the check" in line and "cannot decode image" in line
 
     def dies_in_worker(self, i):
@@ -507,7 +509,7 @@ def test_dataloader_worker_errors_are_one_line(tmp_path, monkeypatch):
         return original(self, i)
 
     monkeypatch.setattr(ImageFolderDataset, "__getitem__", dies_in_worker)
-    line = error_line(*run(*folder_args(root, tmp_path / "b", "--workers", "1")), code=1)
+    line = error_line(*run(*folder_args(root, tmp_path / "b", *lazy)), code=1)
     assert "data loading failed" in line and "DataLoader worker" in line
     assert_outputs_whole(tmp_path / "b")
 
@@ -515,16 +517,19 @@ def test_dataloader_worker_errors_are_one_line(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ (seed, step) determinism, DataLoader path
 
 def test_results_do_not_depend_on_workers_interruption_or_global_rng(tmp_path, monkeypatch):
-    """Image folders are read by DataLoader workers: the weights after 2 epochs are the same with 0
-    or 2 workers, and after an interruption + --resume with the global RNGs scrambled."""
+    """Image folders are read by DataLoader workers: the weights after 2 epochs are the same decoded into
+    memory once (the default for a small folder) and by 0 or 2 workers every epoch, and after an
+    interruption + --resume with the global RNGs scrambled."""
     from simclrv2.stages import classify
 
     root = make_folder(tmp_path / "data")
     args = lambda out, *x: folder_args(root, out, "--epochs", "2", "--checkpoint-every", "2", *x)  # noqa: E731
     assert run(*args(tmp_path / "w0"))[0] == 0
-    assert run(*args(tmp_path / "w2", "--workers", "2"))[0] == 0
+    assert run(*args(tmp_path / "w2", "--workers", "2", "--image-cache-gb", "0"))[0] == 0
+    assert run(*args(tmp_path / "d0", "--workers", "0", "--image-cache-gb", "0"))[0] == 0
     reference = weights(tmp_path / "w0" / "final.safetensors")
     assert_same(reference, weights(tmp_path / "w2" / "final.safetensors"))
+    assert_same(reference, weights(tmp_path / "d0" / "final.safetensors"))
 
     original, calls = classify.ClassificationTask.after_step, {"n": 0}
 
@@ -540,9 +545,9 @@ def test_results_do_not_depend_on_workers_interruption_or_global_rng(tmp_path, m
 
     monkeypatch.setattr(classify.ClassificationTask, "after_step", interrupt_and_scramble)
     out = tmp_path / "resumed"
-    rc, text = run(*args(out, "--workers", "2"))
+    rc, text = run(*args(out, "--workers", "2", "--image-cache-gb", "0"))
     assert rc == 130 and "step 4" in text
-    assert run(*args(out, "--workers", "2", "--resume"))[0] == 0
+    assert run(*args(out, "--workers", "2", "--image-cache-gb", "0", "--resume"))[0] == 0
     assert calls["n"] > 6
     assert_same(reference, weights(out / "final.safetensors"))
 
@@ -563,7 +568,7 @@ def test_results_do_not_depend_on_workers_interruption_or_global_rng(tmp_path, m
     (["pretrain", "--precision", "fp64"], "--precision must be auto, bf16, fp16 or fp32"),
     (["pretrain", "--dataset", "mnist-ish"], "unknown dataset 'mnist-ish'"),
     (["pretrain", "--device", "tpu9"], "--device"),
-    (["pretrain", "--batch-size", "4096", "--depth", "18"], "larger than"),
+    (["pretrain", "--decode-scale", "0.5", "--depth", "18"], "--decode-scale must be between 1 and 8"),
     (["distill", "--teacher", "x", "--temperature", "-1"], "--temperature must be > 0"),
     (["finetune", "--pretrained", "x", "--head-layer", "7"], "--head-layer 7 is not available"),
     (["supervised", "--labels-per-class", "0"], "--labels-per-class must be >= 1"),

@@ -1,6 +1,7 @@
 """Every stage on tiny data (digits, tiny widths), checking real effects."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -224,9 +225,13 @@ def test_wrong_checkpoint_kind_is_a_clear_error(tiny_pretrained, tmp_path):
 
 def test_batch_larger_than_dataset_is_capped(tmp_path, caplog):
     """144 labelled digits and --batch-size 1000: batches of all 144 (the lr scaled for 144), at least --min-steps."""
-    with caplog.at_level("INFO", logger="simclrv2"):
+    logger = logging.getLogger("simclrv2")  # (propagates nothing once the CLI has set up logging)
+    logger.addHandler(caplog.handler)
+    try:
         result = supervised(make_config("supervised", out=str(tmp_path), depth=18, width=0.0625, batch_size=1000,
-                                        epochs=1, min_steps=3, **TINY))
+                                        epochs=1, **dict(TINY, min_steps=3)))
+    finally:
+        logger.removeHandler(caplog.handler)
     assert "--batch-size 1000 is more than the 144 training images: batches of 144" in caplog.text
     meta = ckpt.read_meta(tmp_path / "final.safetensors")
     assert (meta["steps_per_epoch"], meta["total_steps"], result["labeled_images"]) == (1, 3, 144)

@@ -4,6 +4,7 @@ the stem option, view transforms, schedules that fit the data, and the recipe en
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -254,8 +255,12 @@ def test_plan_steps_raises_short_schedules_and_caps_the_batch(caplog):
     assert plan_steps("x", _Cfg(batch_size=64, epochs=100, min_steps=150), 600) == (64, 900)  # unchanged
     assert plan_steps("x", _Cfg(batch_size=512, epochs=3, min_steps=150), 100) == (100, 150)  # batch capped
     assert plan_steps("x", _Cfg(batch_size=512, epochs=3, min_steps=150), 101, world_size=2) == (100, 150)
-    with caplog.at_level("WARNING", logger="simclrv2"):
+    logger = logging.getLogger("simclrv2")  # (propagates nothing once the CLI has set up logging)
+    logger.addHandler(caplog.handler)
+    try:
         assert plan_steps("pretrain", _Cfg(batch_size=128, epochs=2), 400) == (128, 6)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert "pretrain: only 6 optimiser steps" in caplog.text and "too short" in caplog.text
 
 

@@ -140,8 +140,8 @@ def plan_steps(stage: str, cfg, n_images: int, world_size: int = 1) -> tuple[int
     batch = cfg.batch_size
     if batch > n_images >= world_size:
         batch = n_images // world_size * world_size
-        log.info(f"{stage}: --batch-size {cfg.batch_size} is more than the {n_images} training images: batches of "
-                 f"{batch}")
+        log.warning(f"{stage}: --batch-size {cfg.batch_size} is more than the {n_images} training images: batches "
+                    f"of {batch}")
     steps_per_epoch = n_images // batch if batch else 0
     if steps_per_epoch == 0:
         return batch, 0

@@ -110,7 +110,9 @@ def load_folders(cfg, stage: str, with_unlabeled: bool = True, workers: int | No
     bits = resolve_bit_depth(cfg.bit_depth, summary)
     source = _input_checkpoint(cfg)
     if source is not None:  # a stage that starts from a model sees its images as that model's run did
-        size, channels, bits = _inherit(source, cfg, size, channels, bits)
+        size, channels, bits, classes = _inherit(source, cfg, size, channels, bits)
+        if labeled is None and test is None and unlabeled is not None:  # distilling unlabeled images alone
+            unlabeled.classes = classes
     for d in folders:
         d.configure(image_size=size, channels=channels, bit_depth=bits, decode_scale=cfg.decode_scale)
     keep = [d for d in folders if with_unlabeled or d is not unlabeled]
@@ -138,10 +140,10 @@ def _input_checkpoint(cfg) -> str | None:
         return None
 
 
-def _inherit(source: str, cfg, size: int, channels: int, bits: int) -> tuple[int, int, int]:
-    """(image size, channels, bit depth) of the run that wrote ``source``, where it recorded them and
-    the options leave them open (--image-size, --bit-depth auto): its folders may be others than
-    this stage's (e.g. fine-tuning given only --labeled-dir after pretraining on more images)."""
+def _inherit(source: str, cfg, size: int, channels: int, bits: int) -> tuple[int, int, int, list[str]]:
+    """(image size, channels, bit depth, classes) of the run that wrote ``source``, where it recorded
+    them and the options leave them open (--image-size, --bit-depth auto): its folders may be others
+    than this stage's (e.g. fine-tuning given only --labeled-dir after pretraining on more images)."""
     from simclrv2.checkpoint import read_meta
 
     meta = read_meta(source)
@@ -150,7 +152,7 @@ def _inherit(source: str, cfg, size: int, channels: int, bits: int) -> tuple[int
     channels = int((meta.get("model") or {}).get("in_channels", channels))
     if str(cfg.bit_depth) == "auto" and meta.get("bit_depth"):
         bits = int(meta["bit_depth"])
-    return size, channels, bits
+    return size, channels, bits, [str(c) for c in meta.get("classes") or []]
 
 
 def auto_image_size(summary: FolderSummary) -> int:

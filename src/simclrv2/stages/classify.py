@@ -107,6 +107,8 @@ def _meta(spec, data, cfg) -> dict[str, Any]:
 
 
 def _label_fraction(cfg: RunConfig, data) -> float:
+    if not len(data.train):  # image folders without labelled images (distilling unlabeled images alone)
+        return 0.0
     return len(data.labeled) / len(data.train) if cfg.subset_file or cfg.labels_per_class else cfg.label_fraction
 
 
