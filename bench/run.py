@@ -35,6 +35,7 @@ threads waiting for a descheduled peer at every parallel op, which inflates many
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -63,6 +64,12 @@ from simclrv2.optim import WarmupCosine, scale_lr  # noqa: E402
 from simclrv2.runtime import init_runtime  # noqa: E402
 
 SECTIONS = ["augment", "pretrain", "pretrain_memory", "finetune", "distill", "imagefolder"]
+# the model math on the CPU (issue 18), minutes each: not in the default run, ask with --section
+KERNEL_SECTIONS = {  # name: (depth, width, image px, batch, synthetic images)
+    "kernel_r18": (18, 1.0, 32, 256, 1024),  # the official TF2 comparison's configuration
+    "kernel_r50": (50, 1.0, 96, 32, 256),
+}
+KERNEL_VARIANTS = ["fp32", "bf16", "fp32+cl", "bf16+cl"]  # precision (+ channels_last)
 PRESET = "cpu-demo"
 MEMORY_SIZE = 4096
 THREADS = 2  # torch intra-op threads (--threads)
@@ -168,20 +175,24 @@ def our_step(task, cfg, rt, dataset):
     return step
 
 
-def bare_step(model, x, extra=None):
+def bare_step(model, x, extra=None, rt=None):
     """Forward + backward + SGD of ``model`` on the float batch ``x`` (loss: mean of the outputs
-    squared), after a no-grad forward of ``extra`` (an EMA copy, a teacher) when given."""
+    squared), after a no-grad forward of ``extra`` (an EMA copy, a teacher) when given; under
+    ``rt``'s autocast when given (bf16), as our step."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     model.train()
+    autocast = rt.autocast if rt is not None else contextlib.nullcontext
 
     def step():
         if extra is not None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 extra(x)
-        out = model(x)
-        out = out[1] if isinstance(out, tuple) else out  # SimCLRModel: (h, z)
+        with autocast():
+            out = model(x)
+            out = out[1] if isinstance(out, tuple) else out  # SimCLRModel: (h, z)
+            loss = out.float().pow(2).mean()
         opt.zero_grad(set_to_none=True)
-        out.pow(2).mean().backward()
+        loss.backward()
         opt.step()
 
     return step
@@ -240,6 +251,46 @@ def section_classify(quick: bool, stage: str) -> dict:
     x = torch.rand(b, data.channels, s, s)
     out = compare(our_step(task, cfg, rt, dataset), bare_step(bare_model, x, extra), b, quick)
     out.update(model=f"ResNet-{m['depth']} x{m['width']}, {s} px, {data.channels} ch", optimizer=cfg.optimizer)
+    return out
+
+
+def kernel_setup(name: str, variant: str, seed: int = 0):
+    """(task, cfg, rt, dataset, bare model, bare batch) of a kernel section: the real
+    ``ContrastiveTask`` (views from uint8, 3-layer head, NT-Xent + online probe, LARS) of a
+    ResNet on random 3-channel uint8 images, at ``variant``'s precision / memory format."""
+    from simclrv2.data import TensorImageDataset
+    from simclrv2.stages.common import Data, to_device
+    from simclrv2.stages.pretrain import ContrastiveTask
+
+    depth, width, px, batch, n = KERNEL_SECTIONS[name]
+    precision, channels_last = variant.split("+")[0], variant.endswith("+cl")
+    cfg = make_config("pretrain", load_preset(PRESET), out="unused", device="cpu", precision=precision,
+                      depth=depth, width=width, batch_size=batch, channels_last=channels_last)
+    rt = init_runtime("cpu", precision)
+    g = torch.Generator().manual_seed(seed)
+    ds = TensorImageDataset(torch.randint(0, 256, (n, 3, px, px), dtype=torch.uint8, generator=g),
+                            torch.randint(0, 10, (n,), generator=g).numpy(), [str(c) for c in range(10)])
+    data = Data(ds, ds, ds, ds, px, 3, list(ds.classes))
+    torch.manual_seed(seed)
+    spec = model_spec("simclr", depth=depth, width=width, sk=False, small_images=px <= 32, in_channels=3,
+                      head_layers=cfg.head_layers, proj_dim=cfg.proj_dim, num_classes=10, probe_norm=True)
+    model = to_device(build_model(spec), rt, channels_last)
+    bare_model = copy.deepcopy(model)
+    task = ContrastiveTask(model, cfg, data, rt)
+    x = torch.rand(2 * batch, 3, px, px)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return task, cfg, rt, ds, bare_model, x
+
+
+def section_kernel(quick: bool, name: str) -> dict:
+    """Our full pretraining step against the bare step of the same network, per variant
+    (precision, channels_last): the model math (bare) apart from our overhead (ours / bare)."""
+    depth, width, px, batch, _ = KERNEL_SECTIONS[name]
+    out = {"model": f"ResNet-{depth} x{width}, {px} px, 3 ch, batch {batch}"}
+    for variant in KERNEL_VARIANTS:
+        task, cfg, rt, ds, bare_model, x = kernel_setup(name, variant)
+        out[variant] = compare(our_step(task, cfg, rt, ds), bare_step(bare_model, x, rt=rt), batch, quick)
     return out
 
 
@@ -317,8 +368,10 @@ def run_section(name: str, quick: bool, threads: int = THREADS) -> dict:
         out = section_classify(quick, name)
     elif name == "imagefolder":
         out = section_imagefolder(quick)
+    elif name in KERNEL_SECTIONS:
+        out = section_kernel(quick, name)
     else:
-        raise SystemExit(f"unknown section {name!r}; expected one of {', '.join(SECTIONS)}")
+        raise SystemExit(f"unknown section {name!r}; expected one of {', '.join(SECTIONS + list(KERNEL_SECTIONS))}")
     return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "result": out}
 
 
@@ -340,6 +393,10 @@ def summarise(sections: dict) -> dict:
             key = "pretrain_memory_vs_bare" if name == "pretrain_memory" else f"{name}_step_vs_bare"
             out[key] = round(r[name]["vs_bare"], 3)
             out[f"{name}_images_per_s"] = round(r[name]["ours_images_per_s"], 1)
+    for name in KERNEL_SECTIONS:
+        for variant in KERNEL_VARIANTS if name in r else ():
+            out[f"{name}_{variant}_vs_bare"] = round(r[name][variant]["vs_bare"], 3)
+            out[f"{name}_{variant}_images_per_s"] = round(r[name][variant]["ours_images_per_s"], 1)
     for cfg_name, a in r.get("augment", {}).items():
         out[f"augment_{cfg_name}_images_per_s"] = round(a["own_images_per_s"])
     if "imagefolder" in r:
@@ -362,6 +419,12 @@ def print_table(report: dict) -> None:
         if name in r:
             x = r[name]
             print(f"| {name} (batch {x['batch']}, {x['reps']} reps) | {x['ours_images_per_s']:,.1f} | "
+                  f"{x['bare_images_per_s']:,.1f} | {x['vs_bare']:.3f} ({x['vs_bare_rounds']:.3f}, {x['vs_bare_best']:.3f}) | "
+                  f"{report['sections'][name]['peak_rss_mb']:,.0f} |")
+    for name in KERNEL_SECTIONS:
+        for variant in KERNEL_VARIANTS if name in r else ():
+            x = r[name][variant]
+            print(f"| {name} {variant} ({r[name]['model']}, {x['reps']} reps) | {x['ours_images_per_s']:,.1f} | "
                   f"{x['bare_images_per_s']:,.1f} | {x['vs_bare']:.3f} ({x['vs_bare_rounds']:.3f}, {x['vs_bare_best']:.3f}) | "
                   f"{report['sections'][name]['peak_rss_mb']:,.0f} |")
     for cfg_name, a in r.get("augment", {}).items():
@@ -392,8 +455,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (under 2 minutes)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch intra-op threads (default {THREADS})")
-    parser.add_argument("--section", action="append", choices=SECTIONS, help="only this section (repeatable)")
-    parser.add_argument("--worker", choices=SECTIONS, help=argparse.SUPPRESS)  # one section, in this process
+    parser.add_argument("--section", action="append", choices=SECTIONS + list(KERNEL_SECTIONS),
+                        help="only this section (repeatable); the kernel_* sections (minutes each) run only when named")
+    parser.add_argument("--worker", choices=SECTIONS + list(KERNEL_SECTIONS), help=argparse.SUPPRESS)  # one section, in this process
     parser.add_argument("--profile-demo", action="store_true",
                         help="profile a short cpu-demo pretrain + finetune: where the wall time goes")
     args = parser.parse_args(argv)

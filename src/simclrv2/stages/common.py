@@ -230,20 +230,36 @@ def log_result(stage: str, result: dict[str, Any]) -> None:
 def to_device(model: nn.Module, rt: Runtime, channels_last: bool) -> nn.Module:
     model = model.to(rt.device)
     if channels_last:
-        if rt.device.type == "cpu":
-            _check_cpu_channels_last(model)
         model = model.to(memory_format=torch.channels_last)
+        if rt.device.type == "cpu":
+            keep_onednn_exceptions_nchw(model)
     return model
 
 
-def _check_cpu_channels_last(model: nn.Module) -> None:
-    """oneDNN on the CPU (seen with torch 2.13) intermittently computes wrong weight gradients
-    (errors of 10-100%) for channels_last 1x1 strided convolutions with fewer than 8 input
-    channels, i.e. the projection shortcuts of very narrow ResNets (width 1/16); refuse them."""
+def _narrow_strided_1x1(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 8
+
+
+def _nchw_input(module: nn.Module, args):
+    return (args[0].contiguous(),) + tuple(args[1:])
+
+
+def keep_onednn_exceptions_nchw(model: nn.Module) -> list[str]:
+    """Run the convolutions that oneDNN gets wrong in channels_last on the CPU in NCHW instead.
+
+    oneDNN (seen with torch 2.13 on an Intel Xeon with AMX) intermittently computed wrong weight
+    gradients (errors of 10-100%) for channels_last 1x1 strided convolutions with fewer than 8
+    input channels: the projection shortcuts of very narrow ResNets (width 1/16). Those few
+    convolutions keep an NCHW weight and get their input as NCHW (a forward pre-hook), every
+    other layer stays channels_last. Returns the names of the convolutions changed."""
+    names = []
     for name, m in model.named_modules():
-        if (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 8):
-            raise ConfigError(f"--channels-last on the CPU: {name} ({m.in_channels} input channels, 1x1 stride "
-                              f"{m.stride[0]}) would get wrong gradients from oneDNN; use a wider model or no --channels-last")
+        if _narrow_strided_1x1(m) and not getattr(m, "nchw_on_cpu", False):
+            m.weight.data = m.weight.data.contiguous()
+            m.register_forward_pre_hook(_nchw_input)
+            m.nchw_on_cpu = True
+            names.append(name)
+    return names
 
 
 def finish(out: Path, rt: Runtime, result: dict[str, Any]) -> None:
