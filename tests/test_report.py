@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from simclrv2.report import _curve_title, embed_2d, feature_map, pipeline_feature_map, write_report
+from simclrv2.feature_map import embed_2d, feature_map, pipeline_feature_map
+from simclrv2.report import _curve_title, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
