@@ -159,3 +159,31 @@ def test_pipeline_stages_run_apart_then_report(tmp_path):
     # the supervised baseline trained first was reused, not trained again
     assert (out / "labels_0.1" / "supervised" / "final.safetensors").stat().st_mtime_ns == sup_mtime
     assert main(["pipeline", "--preset", "tiny", "--out", str(out), "--stages", "pretrian"]) == 2
+
+
+def test_python_api_logs_like_the_cli_unless_the_caller_configured_logging(tmp_path):
+    import logging
+
+    import simclrv2
+
+    logger = logging.getLogger("simclrv2")
+    saved = logger.level, list(logger.handlers)
+    try:
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        logger.setLevel(logging.NOTSET)
+        with pytest.raises(Exception):
+            simclrv2.evaluate(str(tmp_path / "missing"))
+        assert logger.level == logging.INFO and logger.handlers  # INFO lines and the progress bar, as the CLI
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        logger.setLevel(logging.WARNING)  # the caller's choice is kept
+        with pytest.raises(Exception):
+            simclrv2.evaluate(str(tmp_path / "missing"))
+        assert logger.level == logging.WARNING and not logger.handlers
+    finally:
+        logger.setLevel(saved[0])
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        for h in saved[1]:
+            logger.addHandler(h)

@@ -15,7 +15,7 @@ import sys
 from typing import Any, Sequence
 
 from simclrv2 import __version__
-from simclrv2.config import STAGE_CONFIGS, load_preset, make_config, preset_names
+from simclrv2.config import STAGE_CONFIGS, load_preset, make_config, preset_description, preset_names
 from simclrv2.errors import UserError
 
 HELP = {
@@ -278,7 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                     print(yaml.safe_dump(load_preset(args.name), sort_keys=False), end="")
                 else:
-                    print("\n".join(preset_names()))
+                    names = preset_names()
+                    width = max(map(len, names))
+                    print("\n".join(f"{n:<{width}}  {preset_description(n)}" for n in names))
                 return 0
             if args.command == "summary":
                 from simclrv2.models import build_resnet

@@ -119,7 +119,8 @@ def plan(preset: dict[str, Any], fractions: list[float], out: Path) -> list[Node
 
     def cfg(stage: str, section: str | None = None, **kw):
         """A stage's config: preset section (+ its variant section, + per-fraction overrides) + kw."""
-        values = dict(preset)
+        # (the graph makes the pipeline-level choices itself: per node, not per stage kind)
+        values = {k: v for k, v in preset.items() if k not in ("fractions", "distill_init", "finetune_head_layers")}
         merged = dict(preset.get(stage) or {})
         if section and section != stage:
             merged.update(preset.get(section) or {})
