@@ -35,6 +35,8 @@ import torch
 import _distributed_worker as worker
 from simclrv2 import checkpoint as ckpt
 
+pytestmark = pytest.mark.slow  # multi-process end-to-end: deselect with -m 'not slow'
+
 RTOL = 1e-5  # losses, parameters, BN statistics
 # momenta are gradients, which fp32 gets to ~1e-5 only (measured against fp64: one process and
 # two alike); the queue holds network outputs (EMA keys), which amplify parameter differences

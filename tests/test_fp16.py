@@ -74,6 +74,7 @@ def test_an_overflowing_step_is_skipped_and_the_scale_lowered(setup):
     assert scaler.get_scale() == 2.0**99  # and the scale halved
 
 
+@pytest.mark.slow
 def test_fp16_run_resumes_exactly_with_its_loss_scale(tmp_path, monkeypatch):
     options = dict(epochs=4 * 128 / 1437, batch_size=128, depth=18, width=0.125, temperature=0.5, color_strength=0.5,
                    blur=False, crop_min=0.2, knn_every=0, knn_train_size=100, checkpoint_every=1, **TINY)

@@ -17,6 +17,7 @@ def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "simclrv2", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow
 def test_pipeline_tiny_writes_report_and_reuses_stages(tmp_path):
     out = tmp_path / "run"
     assert main(["-q", "pipeline", "--preset", "tiny", "--out", str(out)]) == 0
@@ -123,6 +124,7 @@ def test_parse_overrides():
         "pretrain": {"epochs": 5}, "seed": 1, "finetune": {"head_layer": 0}}
 
 
+@pytest.mark.slow
 def test_labels_per_class_overrides_the_default_fraction(tmp_path):
     from simclrv2.data import load_dataset
 
@@ -137,6 +139,7 @@ def test_labels_per_class_overrides_the_default_fraction(tmp_path):
     assert per_class == [4] * 10
 
 
+@pytest.mark.slow
 def test_pipeline_stages_run_apart_then_report(tmp_path):
     """--stages splits the recipe over processes sharing --out; the report appears once all are done."""
     out = tmp_path / "run"

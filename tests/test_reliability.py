@@ -765,6 +765,7 @@ def check_same_run(ref: Path, out: Path, what: str) -> None:
     assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists(), what
 
 
+@pytest.mark.slow
 def test_soak_random_sigkill_and_rerun_every_stage(tmp_path):
     import threading
 
@@ -794,6 +795,7 @@ def test_soak_random_sigkill_and_rerun_every_stage(tmp_path):
     assert sum(kills.values()) >= len(cases) * (SOAK - 1) // 2  # most launches were interrupted, not finished first
 
 
+@pytest.mark.slow
 def test_soak_random_sigkill_and_rerun_the_pipeline(tmp_path):
     args = ["pipeline", "--preset", "tiny", "--set", "pretrain.epochs=1", "--set", "supervised.epochs=2",
             "--set", "finetune.epochs=2", "--set", "linear_eval.epochs=1", "--set", "distill.epochs=0.3",

@@ -173,6 +173,7 @@ def test_a_finished_run_is_reused_only_for_the_same_stage_and_options(tmp_path, 
 
 # ------------------------------------------------------------------ 3. one writer per --out
 
+@pytest.mark.slow
 def test_a_second_writer_fails_at_once_and_a_dead_holder_is_taken_over(tmp_path, steps):
     out = tmp_path / "run"
     args = digits_args("supervised", out, "--epochs", "10", "--checkpoint-every", "1", "--batch-size", "16")
