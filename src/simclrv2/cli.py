@@ -281,9 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print("\n".join(preset_names()))
                 return 0
             if args.command == "summary":
-                from simclrv2.models import build_resnet
+                from simclrv2.models import build_resnet, sk_options
 
-                enc = build_resnet(args.depth, args.width, args.sk)
+                enc = build_resnet(args.depth, args.width, **sk_options(args.sk))
                 n = sum(p.numel() for p in enc.parameters())
                 print(f"ResNet-{args.depth} {args.width}x{' +SK' if args.sk else ''}: {n / 1e6:.2f}M parameters, {enc.out_dim}-d features")
                 return 0

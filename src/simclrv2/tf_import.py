@@ -67,7 +67,7 @@ from torch import nn
 
 from simclrv2.errors import CheckpointError, ConfigError, UserError
 from simclrv2.models.head import Classifier, ProjectionHead, SimCLRModel
-from simclrv2.models.resnet import STAGES, SelectiveKernel, build_resnet, scaled
+from simclrv2.models.resnet import STAGES, SelectiveKernel, build_resnet, scaled, sk_options
 
 __all__ = ["TFCheckpoint", "convert", "import_tf", "build_model", "crc32c", "resolve_prefix"]
 
@@ -775,7 +775,8 @@ def _probe_supported() -> bool:
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
     """Our model for a ``"model"`` spec of an imported checkpoint (same keys as models.factory)."""
-    encoder = build_resnet(spec["depth"], spec["width"], spec["sk"], spec["small_images"], spec["in_channels"])
+    encoder = build_resnet(spec["depth"], spec["width"], in_channels=spec["in_channels"],
+                           **sk_options(spec["sk"], spec["small_images"]))
     if spec["kind"] == "simclr":
         if spec.get("num_classes") and _probe_supported():
             return SimCLRModel(encoder, spec["head_layers"], spec["proj_dim"], probe_classes=spec["num_classes"])

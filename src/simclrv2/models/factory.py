@@ -6,7 +6,7 @@ from torch import nn
 
 from simclrv2.errors import CheckpointError
 from simclrv2.models.head import Classifier, ProjectionHead, SimCLRModel
-from simclrv2.models.resnet import build_resnet
+from simclrv2.models.resnet import build_resnet, sk_options
 
 SPEC_KEYS = ("kind", "depth", "width", "sk", "small_images", "in_channels", "head_layers", "proj_dim", "num_classes", "head_layer", "probe_norm")
 
@@ -25,7 +25,8 @@ def build_model(spec: dict) -> nn.Module:
     """``kind='simclr'``: SimCLRModel (with an online probe when num_classes is set);
     ``kind='classifier'``: Classifier keeping ``head_layer`` of ``head_layers`` head layers."""
     try:
-        encoder = build_resnet(spec["depth"], spec["width"], spec["sk"], spec["small_images"], spec["in_channels"])
+        encoder = build_resnet(spec["depth"], spec["width"], in_channels=spec["in_channels"],
+                               **sk_options(spec["sk"], spec["small_images"]))
         if spec["kind"] == "simclr":
             return SimCLRModel(encoder, spec["head_layers"], spec["proj_dim"], probe_classes=spec.get("num_classes"),
                                 probe_norm=bool(spec.get("probe_norm", False)))
