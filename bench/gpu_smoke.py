@@ -122,7 +122,8 @@ class Context:
             from simclrv2 import checkpoint as ckpt
             from simclrv2.models import build_model, model_spec
 
-            common = dict(depth=18, width=self.width, sk=False, small_images=False, in_channels=3)
+            common = dict(depth=18, width=self.width, sk=False, small_images=False, in_channels=3,
+                          image_size=self.image_size)
             classes = [f"class{c}" for c in range(self.classes)]
             out = {}
             for name, spec in (("pretrained", model_spec("simclr", **common, num_classes=self.classes, probe_norm=True)),
@@ -132,8 +133,7 @@ class Context:
                 model = build_model(spec)
                 tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
                 ckpt.save_checkpoint(self.root / "start" / name / "final", tensors,
-                                     {"model": spec, "stage": name, "complete": True, "classes": classes,
-                                      "dataset": "imagefolder", "image_size": self.image_size})
+                                     ckpt.CheckpointMeta(name, spec, classes=classes, dataset="imagefolder", complete=True))
                 out[name] = self.root / "start" / name
             self._checkpoints = out
         return self._checkpoints

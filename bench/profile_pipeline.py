@@ -133,7 +133,7 @@ def instrument(clock: Clock) -> None:
     for mod in (pretrain, classify):
         wrap(mod, "prepare_data", "data preparation", opaque=True)
         wrap(mod, "fit", "training loop")
-    wrap(classify, "load_model", "checkpoints")
+    wrap(classify, "load_model", "checkpoints")  # the name classify imported from simclrv2.checkpoint
 
 
 def profile_stage(clock: Clock, fn) -> dict:

@@ -44,8 +44,8 @@ def make_start_checkpoints(start: Path) -> None:
         torch.manual_seed(1)
         model = build_model(spec)
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        ckpt.save_checkpoint(start / name / "final", tensors, {"model": spec, "stage": name, "complete": True,
-                                                                "classes": [str(i) for i in range(10)]})
+        ckpt.save_checkpoint(start / name / "final", tensors,
+                             ckpt.CheckpointMeta(name, spec, classes=[str(i) for i in range(10)], complete=True))
 
 
 def stage_configs(out: Path, start: Path) -> list[tuple[str, str, dict]]:

@@ -107,9 +107,9 @@ def test_two_processes_equal_one_process_on_the_global_batch(runs, name):
     _compare_checkpoints(two / "last.safetensors", one / "last.safetensors")  # + optimiser momenta, EMA and queue
     # rank 0 alone evaluated and wrote the result; every process returned it
     meta = ckpt.read_meta(two / "final.safetensors")
-    assert meta["result"]["stage"] == name.split("_")[0] and meta["config"]["batch_size"] == 32
+    assert meta.result["stage"] == name.split("_")[0] and meta.config["batch_size"] == 32
     for rank in (0, 1):
-        assert json.loads((two / f"returned.{rank}.json").read_text()) == meta["result"]
+        assert json.loads((two / f"returned.{rank}.json").read_text()) == meta.result
     assert (two / "labeled_subset.txt").read_text() == (one / "labeled_subset.txt").read_text()
 
 

@@ -79,7 +79,7 @@ def test_fp16_run_resumes_exactly_with_its_loss_scale(tmp_path, monkeypatch):
                    blur=False, crop_min=0.2, knn_every=0, knn_train_size=100, checkpoint_every=1, **TINY)
     pretrain(make_config("pretrain", out=str(tmp_path / "whole"), **options), CPU16)
     whole = ckpt.read_meta(tmp_path / "whole" / "last.safetensors")
-    assert whole["precision"] == "fp16" and whole["grad_scaler"]["scale"] > 0
+    assert whole.precision == "fp16" and whole.grad_scaler["scale"] > 0
 
     calls = {"n": 0}
     original = ContrastiveTask.after_step
@@ -94,10 +94,10 @@ def test_fp16_run_resumes_exactly_with_its_loss_scale(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pretrain(make_config("pretrain", out=str(tmp_path / "cut"), **options), CPU16)
     monkeypatch.setattr(ContrastiveTask, "after_step", original)
-    assert ckpt.read_meta(tmp_path / "cut" / "last.safetensors")["step"] == 2
+    assert ckpt.read_meta(tmp_path / "cut" / "last.safetensors").step == 2
     pretrain(make_config("pretrain", out=str(tmp_path / "cut"), resume=True, **options), CPU16)
     resumed = ckpt.read_meta(tmp_path / "cut" / "last.safetensors")
-    assert resumed["grad_scaler"] == whole["grad_scaler"]
+    assert resumed.grad_scaler == whole.grad_scaler
     a, _ = ckpt.load_checkpoint(tmp_path / "whole" / "final.safetensors")
     b, _ = ckpt.load_checkpoint(tmp_path / "cut" / "final.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -25,7 +25,7 @@ from simclrv2.stages.common import prepare_data, to_device
 from simclrv2.stages.pretrain import ContrastiveTask
 
 SPEC = model_spec("simclr", depth=18, width=0.0625, sk=False, small_images=True, in_channels=1, num_classes=10)
-WIDER = dict(SPEC, width=0.125)  # >= 8 channels everywhere
+WIDER = SPEC.replace(width=0.125)  # >= 8 channels everywhere
 GRAD_RTOL = 5e-5  # fp32 gradients of these nets are good to ~1e-5 of the largest (measured against fp64)
 
 
@@ -75,7 +75,7 @@ def test_channels_last_classification_step(data):
     results = []
     for channels_last in (False, True):
         torch.manual_seed(0)
-        spec = dict(WIDER, kind="classifier", head_layers=0, head_layer=0)
+        spec = WIDER.replace(kind="classifier", head_layers=0, head_layer=0)
         model = to_device(build_model(spec), rt, channels_last)
         cfg.channels_last = channels_last
         results.append(_step(ClassificationTask(model, cfg, data.image_size, rt), data))

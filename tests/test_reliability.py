@@ -116,11 +116,12 @@ def _write_model(stem: Path, kind: str, num_classes: int | None = 10, in_channel
                  tensors_width: float | None = None, **meta) -> Path:
     """A checkpoint as the stages write it (optionally with tensors of another width than its spec says)."""
     spec = model_spec(kind, depth=18, width=width, sk=False, small_images=True, in_channels=in_channels,
-                      head_layers=3 if kind == "simclr" else 0, num_classes=num_classes)
-    real = dict(spec, width=tensors_width or width)
+                      head_layers=3 if kind == "simclr" else 0, num_classes=num_classes, image_size=16)
+    real = spec.replace(width=tensors_width or width)
     tensors = {f"model.{k}": v for k, v in build_model(real).state_dict().items()}
-    info = {"model": spec, "classes": [str(i) for i in range(num_classes or 10)], "dataset": "digits", "image_size": 16,
-            "stage": "supervised" if kind == "classifier" else "pretrain", "step": 1, "complete": True, **meta}
+    meta = {"stage": "supervised" if kind == "classifier" else "pretrain", **meta}
+    info = ckpt.CheckpointMeta(model=spec, classes=[str(i) for i in range(num_classes or 10)], dataset="digits", step=1,
+                               complete=True, **meta)
     ckpt.save_checkpoint(stem, tensors, info)
     return stem.with_suffix(".safetensors")
 
@@ -155,6 +156,12 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 # ------------------------------------------------------------------ atomic checkpoints
 
+def _meta(step: int) -> ckpt.CheckpointMeta:
+    """Metadata for checkpoints of arbitrary tensors (the writer does not look at them)."""
+    return ckpt.CheckpointMeta("pretrain", model_spec("simclr", depth=18, width=0.0625, sk=False, small_images=True,
+                                                      in_channels=1), step=step)
+
+
 def test_checkpoint_files_survive_sigkill_at_any_instant(tmp_path):
     """A writer killed at random instants: the checkpoint always loads whole, the .json lags by at
     most one write, and the stale temporary file it may leave is cleaned up."""
@@ -163,7 +170,7 @@ def test_checkpoint_files_survive_sigkill_at_any_instant(tmp_path):
     def tensors(step):  # numpy-made (no torch kernels run in the forked child)
         return {"w": torch.from_numpy(np.full((512, 512), step, np.float32)), "n": torch.tensor(step)}
 
-    ckpt.save_checkpoint(stem, tensors(0), {"step": 0})
+    ckpt.save_checkpoint(stem, tensors(0), _meta(0))
     rng = random.Random(6)
     for _ in range(5):
         start = ckpt.step_of(stem.with_suffix(".safetensors"))
@@ -173,14 +180,14 @@ def test_checkpoint_files_survive_sigkill_at_any_instant(tmp_path):
                 step = start
                 while True:
                     step += 1
-                    ckpt.save_checkpoint(stem, tensors(step), {"step": step})
+                    ckpt.save_checkpoint(stem, tensors(step), _meta(step))
             finally:
                 os._exit(0)
         time.sleep(rng.uniform(0.05, 0.4))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         t, meta = ckpt.load_checkpoint(stem.with_suffix(".safetensors"))
-        step = meta["step"]
+        step = meta.step
         assert step >= start and int(t["n"]) == step and bool((t["w"] == step).all())
         assert json.loads(stem.with_suffix(".json").read_text())["step"] in (step - 1, step)
     assert ckpt.step_of(stem.with_suffix(".safetensors")) > 0
@@ -190,18 +197,18 @@ def test_checkpoint_files_survive_sigkill_at_any_instant(tmp_path):
 
 def test_failed_write_keeps_previous_file_and_names_it(tmp_path, monkeypatch):
     stem = tmp_path / "final"
-    ckpt.save_checkpoint(stem, {"w": torch.ones(4)}, {"step": 1})
+    ckpt.save_checkpoint(stem, {"w": torch.ones(4)}, _meta(1))
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt.os, "fsync", full)
     with pytest.raises(OSError) as e:
-        ckpt.save_checkpoint(stem, {"w": torch.zeros(4)}, {"step": 2})
+        ckpt.save_checkpoint(stem, {"w": torch.zeros(4)}, _meta(2))
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(stem.with_suffix(".safetensors"))
     monkeypatch.undo()
     t, meta = ckpt.load_checkpoint(stem.with_suffix(".safetensors"))
-    assert meta["step"] == 1 and torch.equal(t["w"], torch.ones(4))
+    assert meta.step == 1 and torch.equal(t["w"], torch.ones(4))
     assert not list(tmp_path.glob(".*"))
     mode = stem.with_suffix(".safetensors").stat().st_mode & 0o777
     assert mode == 0o666 & ~ckpt._umask()  # not mkstemp's 0600
@@ -457,7 +464,7 @@ def test_mixed_modes_and_sizes_train(tmp_path):
     out = tmp_path / "out"
     rc, text = run(*folder_args(root, out))
     assert rc == 0, text
-    assert ckpt.read_meta(out / "final.safetensors")["result"]["top1"] >= 0
+    assert ckpt.read_meta(out / "final.safetensors").result["top1"] >= 0
 
 
 def test_subset_files_naming_missing_or_escaping_images(tmp_path):
@@ -710,7 +717,7 @@ def _finished(d: Path) -> bool:
         meta = ckpt.read_meta(d / "final.safetensors")
     except CheckpointError:
         return False
-    return bool(meta.get("complete") and "result" in meta)
+    return meta.complete and meta.result is not None
 
 
 def soak(args: list[str], out: Path, rounds: int, rng: random.Random, plan: list[tuple[str, int]]) -> int:
@@ -759,8 +766,8 @@ def check_same_run(ref: Path, out: Path, what: str) -> None:
     rb = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rb] == [x["step"] for x in ra] == list(range(1, len(ra) + 1)), what
     assert [x["loss"] for x in rb] == [x["loss"] for x in ra], what
-    res_a = ckpt.read_meta(ref / "final.safetensors")["result"]
-    res_b = ckpt.read_meta(out / "final.safetensors")["result"]
+    res_a = ckpt.read_meta(ref / "final.safetensors").result
+    res_b = ckpt.read_meta(out / "final.safetensors").result
     assert {k: v for k, v in res_a.items() if k != "seconds"} == {k: v for k, v in res_b.items() if k != "seconds"}, what
     assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists(), what
 
@@ -805,7 +812,7 @@ def test_soak_random_sigkill_and_rerun_the_pipeline(tmp_path):
              "labels_0.1/distill_self", "labels_0.1/distill_small"]
     stage_dirs = sorted(str(p.parent.relative_to(ref)) for p in ref.rglob("final.safetensors"))
     assert stage_dirs == sorted(order)
-    plan = [(d, ckpt.read_meta(ref / d / "final.safetensors")["total_steps"]) for d in order]
+    plan = [(d, ckpt.read_meta(ref / d / "final.safetensors").total_steps) for d in order]
     out = tmp_path / "soaked"
     kills = soak(args, out, SOAK, random.Random(f"soak/pipeline/{SOAK}"), plan)
     a = json.loads((ref / "report.json").read_text())["results"]

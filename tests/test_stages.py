@@ -16,7 +16,7 @@ from simclrv2.errors import CheckpointError, ConfigError
 from simclrv2.models import build_model
 from simclrv2.runtime import init_runtime
 from simclrv2.stages import distill, evaluate, finetune, linear_eval, pretrain, supervised
-from simclrv2.stages.common import load_model
+from simclrv2.checkpoint import load_model
 
 
 def _knn_of(encoder):
@@ -33,8 +33,8 @@ def test_pretraining_lowers_loss_and_beats_random_encoder(tiny_pretrained):
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["contrastive"] < rows[0]["contrastive"] - 0.1
     model, meta = load_model(out, "simclr")
-    assert meta["stage"] == "pretrain" and meta["complete"]
-    random_model = build_model(meta["model"])
+    assert meta.stage == "pretrain" and meta.complete
+    random_model = build_model(meta.model)
     assert _knn_of(model.encoder) > _knn_of(random_model.encoder) + 3.0
     assert any("knn" in r for r in rows) and result["knn"] > 50
 
@@ -42,7 +42,7 @@ def test_pretraining_lowers_loss_and_beats_random_encoder(tiny_pretrained):
 def test_finetuned_model_has_expected_layers_and_beats_chance(tiny_pretrained, tiny_finetuned):
     out, result = tiny_finetuned
     tensors, meta = ckpt.load_checkpoint(out)
-    assert meta["model"]["head_layer"] == 1  # default with <= 10% labels
+    assert meta.model.head_layer == 1  # default with <= 10% labels
     heads = sorted({k.split(".")[3] for k in tensors if k.startswith("model.head.layers.")})
     assert heads == ["0"]
     assert "model.fc.weight" in tensors and tensors["model.fc.weight"].shape[0] == 10
@@ -59,7 +59,7 @@ def test_finetune_from_other_head_layers(tiny_pretrained, tmp_path, k):
                       head_layer=k, **TINY)
     finetune(cfg)
     model, meta = load_model(tmp_path, "classifier")
-    assert len(model.head.layers) == k and meta["model"]["head_layer"] == k
+    assert len(model.head.layers) == k and meta.model.head_layer == k
 
 
 def _kl_and_agreement(student, teacher, ds, tau):
@@ -80,8 +80,8 @@ def test_distillation_moves_student_toward_teacher(tiny_finetuned, tmp_path):
                       epochs=4, batch_size=32, lr=0.2, **TINY)
     result = distill(cfg)
     student, meta = load_model(tmp_path / "d", "classifier")
-    assert meta["temperature"] == 1.0 and meta["self_distillation"] is False  # big-to-small default
-    initial = build_model(meta["model"])
+    assert meta.temperature == 1.0 and meta.self_distillation is False  # big-to-small default
+    initial = build_model(meta.model)
     train = load_dataset("digits", "train")
     kl_after, agree_after = _kl_and_agreement(student, teacher, train, 1.0)
     kl_before, agree_before = _kl_and_agreement(initial, teacher, train, 1.0)
@@ -98,7 +98,7 @@ def test_self_distillation_from_the_teacher_starts_as_the_teacher(tiny_pretraine
                       init_from=str(tiny_finetuned[0]), **TINY)
     distill(cfg)
     student, meta = load_model(tmp_path, "classifier")
-    assert meta["model"]["head_layer"] == tmeta["model"]["head_layer"] == 1
+    assert meta.model.head_layer == tmeta.model.head_layer == 1
     t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
     assert t_params.keys() == s_params.keys()
     for k in t_params:
@@ -109,7 +109,7 @@ def test_self_distillation_from_the_teacher_starts_as_the_teacher(tiny_pretraine
                         batch_size=128, lr=0.0, init_from=str(pre_dir), **TINY))
     student, meta = load_model(tmp_path / "from_pre", "classifier")
     pretrained, _ = load_model(pre_dir)
-    assert meta["model"]["head_layer"] == 0 and len(student.head.layers) == 0
+    assert meta.model.head_layer == 0 and len(student.head.layers) == 0
     for k, v in pretrained.encoder.named_parameters():
         assert torch.equal(v, dict(student.encoder.named_parameters())[k]), k
 
@@ -146,8 +146,8 @@ def test_self_distillation_defaults(tiny_finetuned, tmp_path):
                       init_from=str(tiny_finetuned[0]), **TINY)
     distill(cfg)
     _, meta = load_model(tmp_path, "classifier")
-    assert meta["self_distillation"] and meta["temperature"] == 0.1
-    assert meta["model"]["depth"] == 18 and meta["model"]["width"] == 0.125
+    assert meta.self_distillation and meta.temperature == 0.1
+    assert meta.model.depth == 18 and meta.model.width == 0.125
 
 
 def test_linear_eval_freezes_encoder_and_bn_statistics(tiny_pretrained, tmp_path):
@@ -204,7 +204,7 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         supervised(make_config("supervised", out=str(tmp_path / "b"), **base))
     monkeypatch.setattr(classify.ClassificationTask, "after_step", original)
-    assert ckpt.read_meta(tmp_path / "b" / "last.safetensors")["step"] == 4
+    assert ckpt.read_meta(tmp_path / "b" / "last.safetensors").step == 4
     assert not (tmp_path / "b" / "final.safetensors").exists()
     resumed = supervised(make_config("supervised", out=str(tmp_path / "b"), resume=True, **base))
     a, _ = ckpt.load_checkpoint(tmp_path / "a" / "final.safetensors")

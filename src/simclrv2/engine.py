@@ -236,15 +236,17 @@ def train_step(task: Task, opt: torch.optim.Optimizer, rt: Runtime, images: torc
     return loss, parts
 
 
-def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: str | Path, stage: str,
-        meta: dict[str, Any], run=None) -> FitResult:
+def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: str | Path, meta: ckpt.CheckpointMeta,
+        run=None) -> FitResult:
     """Train ``task`` on ``data`` per ``cfg``; checkpoints in ``out_dir`` (last.*, final.*).
 
-    ``meta`` (model spec, classes, ...) is stored in every checkpoint's JSON. ``run``: the stage's
+    ``meta`` (stage, model spec, classes, ...) is the metadata of every checkpoint, with the
+    progress (step, metrics, ...) filled in at each save. ``run``: the stage's
     :class:`simclrv2.rundir.StageRun`, whose decision says whether to continue the run in
     ``out_dir``; without one, ``cfg.resume`` does.
     """
     out = Path(out_dir)
+    stage = meta.stage
     if cfg.batch_size % rt.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {rt.world_size} processes")
     stream = BatchStream(data, cfg.batch_size, cfg.seed, rt, cfg.workers)
@@ -270,19 +272,19 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
     resume = run.continues if run is not None else cfg.resume
     if resume and source is not None:
         tensors, saved = ckpt.load_checkpoint(source)
-        if saved.get("total_steps") != total or saved.get("stage") != stage:
-            raise CheckpointError(f"{source}: cannot resume: it is stage {saved.get('stage')!r} with {saved.get('total_steps')} steps, "
+        if saved.total_steps != total or saved.stage != stage:
+            raise CheckpointError(f"{source}: cannot resume: it is stage {saved.stage!r} with {saved.total_steps} steps, "
                                   f"this run is {stage!r} with {total} steps (same options and data needed; "
                                   "--restart starts over)")
         ckpt.load_state(model, ckpt.subdict(tensors, "model."), source, "model")
         if source == last:
             load_optimizer_tensors(opt, params, tensors)
             task.load_extra_state(ckpt.subdict(tensors, "extra."))
-            if scaler is not None and isinstance(saved.get("grad_scaler"), dict):
-                scaler.load_state_dict(saved["grad_scaler"])
-        start = int(saved["step"])
-        prior_seconds = float(saved.get("train_seconds", 0.0))
-        resumed_row = saved.get("metrics") or {}
+            if scaler is not None and saved.grad_scaler is not None:
+                scaler.load_state_dict(saved.grad_scaler)
+        start = saved.step
+        prior_seconds = float(saved.train_seconds)
+        resumed_row = saved.metrics
         if rt.is_main:
             log.info(f"{stage}: resuming from {source} at step {start}/{total}")
         if run is not None:
@@ -314,12 +316,11 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
                                   + _divergence_advice(last))
         if not rt.is_main:
             return
-        info = dict(meta, stage=stage, step=step, epoch=step / steps_per_epoch, total_steps=total,
-                    steps_per_epoch=steps_per_epoch, config=to_dict(cfg), metrics=metrics, complete=name == "final",
-                    precision=rt.precision,
-                    train_seconds=prior_seconds + time.perf_counter() - t0)
-        if scaler is not None:
-            info["grad_scaler"] = scaler.state_dict()  # the loss scale and its growth counter: exact resume
+        info = meta.replace(step=step, epoch=step / steps_per_epoch, total_steps=total, steps_per_epoch=steps_per_epoch,
+                            config=to_dict(cfg), metrics=metrics, complete=name == "final", precision=rt.precision,
+                            train_seconds=prior_seconds + time.perf_counter() - t0,
+                            # fp16: the loss scale and its growth counter, for an exact resume
+                            grad_scaler=scaler.state_dict() if scaler is not None else None)
         ckpt.save_checkpoint(out / name, tensors, info)
 
     metrics_writer = MetricsWriter(out, start, enabled=rt.is_main)  # metrics.jsonl, metrics.csv, TensorBoard

@@ -159,7 +159,7 @@ def _run_pipeline(preset_name: str, out: str | Path, dataset: str | None, data_d
             if done is None:
                 missing.append(str(stage_dir))
                 return None
-            return done["result"]
+            return done.result
         if needs is not None and stage_done(needs) is None:
             raise ConfigError(f"--stages {stage}: needs the finished {NEEDS[stage]} stage in {needs}; "
                               f"run the pipeline with --stages {NEEDS[stage]} first (same --out)")
@@ -176,7 +176,7 @@ def _run_pipeline(preset_name: str, out: str | Path, dataset: str | None, data_d
         if res is None:
             return
         meta = ckpt.read_meta(stage_dir / "final.safetensors")
-        row = {"stage": stage, "model": model_name(meta["model"]), "params": int(res["params"]),
+        row = {"stage": stage, "model": model_name(meta.model), "params": int(res["params"]),
                "label_fraction": float(fraction), "top1": float(res["top1"]), "top5": float(res["top5"]),
                "seconds": float(res["seconds"])}
         if variant:
@@ -203,7 +203,7 @@ def _run_pipeline(preset_name: str, out: str | Path, dataset: str | None, data_d
             res = run("finetune", finetune, cfg("finetune", out=str(ft_dir), pretrained=str(out / "pretrain"),
                                                 label_fraction=f, head_layer=k), out / "pretrain")
             if res is not None:
-                layer = ckpt.read_meta(ft_dir / "final.safetensors")["model"]["head_layer"]
+                layer = ckpt.read_meta(ft_dir / "final.safetensors").model.head_layer
                 add("finetune", res, ft_dir, f, variant=f"head layer {layer}")
             teacher_dir = teacher_dir or ft_dir
         self_dir = fdir / "distill_self"
@@ -223,7 +223,7 @@ def _run_pipeline(preset_name: str, out: str | Path, dataset: str | None, data_d
         return {"out": str(out), "stages": selected, "results": results, "not_finished": missing}
 
     report = {"dataset": pre_cfg.dataset, "preset": str(preset_name), "results": results,
-              "pretrain": {"model": model_name(ckpt.read_meta(out / "pretrain" / "final.safetensors")["model"]),
+              "pretrain": {"model": model_name(ckpt.read_meta(out / "pretrain" / "final.safetensors").model),
                            "knn_top1": pre.get("knn"), "seconds": pre.get("seconds"), "params": pre.get("params")},
               "total_seconds": time.perf_counter() - started}
     # a 2-D map (t-SNE) of the final self-distilled model's test-set features, coloured by class (rank 0 only)

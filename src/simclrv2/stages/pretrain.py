@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from simclrv2.checkpoint import CheckpointMeta
 from simclrv2.config import PretrainConfig
 from simclrv2.data.augment import EvalTransform, PretrainAugment
 from simclrv2.distributed import global_count_share, wrap_model
@@ -152,11 +153,11 @@ def pretrain(cfg: PretrainConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     data = prepare_data(cfg, out if rt.is_main else None)
     spec = model_spec("simclr", depth=cfg.depth, width=cfg.width, sk=cfg.sk, small_images=data.small_images,
                       in_channels=data.channels, head_layers=cfg.head_layers, proj_dim=cfg.proj_dim,
-                      num_classes=len(data.classes) if cfg.probe else None, probe_norm=cfg.probe)
+                      num_classes=len(data.classes) if cfg.probe else None, probe_norm=cfg.probe, image_size=data.image_size)
     model = to_device(build_model(spec), rt, cfg.channels_last)
     task = ContrastiveTask(model, cfg, data, rt)
-    meta = {"model": spec, "classes": data.classes, "dataset": cfg.dataset, "image_size": data.image_size}
-    fitted = fit(task, cfg, rt, data.all_images(), out, "pretrain", meta, run)
+    meta = CheckpointMeta("pretrain", spec, classes=data.classes, dataset=cfg.dataset)
+    fitted = fit(task, cfg, rt, data.all_images(), out, meta, run)
     # the last epoch's, when fit evaluated it (a run continued from its final checkpoint trained nothing here:
     # its last row is the resumed checkpoint's)
     knn = fitted.last_row.get("knn")
