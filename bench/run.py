@@ -202,7 +202,7 @@ def section_pretrain(quick: bool, memory_size: int = 0) -> dict:
     x = torch.rand(2 * b, data.channels, s, s)  # both views
     ema = copy.deepcopy(bare_model).requires_grad_(False) if memory_size else None
     if memory_size:  # a full queue, as after the first memory_size / 2B steps
-        task._enqueue(torch.nn.functional.normalize(torch.randn(memory_size, cfg.proj_dim), dim=1))
+        task.memory.enqueue(torch.nn.functional.normalize(torch.randn(memory_size, cfg.proj_dim), dim=1))
     out = compare(our_step(task, cfg, rt, data.all_images()), bare_step(bare_model, x, ema), b, quick)
     out.update(model=f"ResNet-{cfg.depth} x{cfg.width}, {s} px, {data.channels} ch", memory_size=memory_size,
                optimizer=cfg.optimizer)

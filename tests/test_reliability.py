@@ -214,6 +214,20 @@ def test_failed_write_keeps_previous_file_and_names_it(tmp_path, monkeypatch):
     assert mode == 0o666 & ~ckpt._umask()  # not mkstemp's 0600
 
 
+def test_a_write_that_fails_midway_leaves_the_previous_file(tmp_path):
+    """atomic_path (every file of ours, ONNX exports too): a failure inside the block keeps the old file."""
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="exporter broke"):
+        with ckpt.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half a")
+            raise RuntimeError("exporter broke")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    with ckpt.atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
 def test_disk_full_during_training_is_one_line_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_fsync, calls = os.fsync, {"n": 0}

@@ -15,8 +15,8 @@ from simclrv2.engine import knn_accuracy, predict
 from simclrv2.errors import CheckpointError, ConfigError
 from simclrv2.models import build_model
 from simclrv2.runtime import init_runtime
-from simclrv2.stages import distill, evaluate, finetune, linear_eval, pretrain, supervised
 from simclrv2.checkpoint import load_model
+from simclrv2.stages import distill, evaluate, finetune, linear_eval, pretrain, supervised
 
 
 def _knn_of(encoder):
@@ -170,6 +170,36 @@ def test_supervised_baseline_learns(tmp_path):
     # the same weights from the checkpoint; a borderline image may flip with the thread count /
     # batch shape oneDNN sees (1 image of 360 = 0.28 points)
     assert again["top1"] == pytest.approx(result["top1"], abs=0.6)
+
+
+def test_memory_queue_state_travels_through_its_state_dict():
+    """The EMA copy and the queue are a submodule and buffers: their state_dict is the whole state,
+    and loading it into a fresh MemoryQueue gives the same negatives and the same next enqueue."""
+    from simclrv2.models import model_spec
+    from simclrv2.stages.pretrain import MemoryQueue
+
+    torch.manual_seed(0)
+    model = build_model(model_spec("simclr", depth=18, width=0.0625, sk=False, small_images=True, in_channels=1))
+    a = MemoryQueue(model, size=10, dim=128, decay=0.9, device=torch.device("cpu"))
+    for _ in range(3):  # 12 keys into 10 slots: wrapped around
+        a.enqueue(torch.nn.functional.normalize(torch.randn(4, 128), dim=1))
+    with torch.no_grad():
+        model.encoder.conv1.weight.add_(1.0)
+    a.update(model)
+    state = a.state_dict()
+    assert {"queue", "queue_len", "queue_ptr"} <= state.keys() and all(
+        k.startswith("ema.") for k in state.keys() - {"queue", "queue_len", "queue_ptr"})
+    assert int(state["queue_len"]) == 10 and int(state["queue_ptr"]) == 2
+    b = MemoryQueue(build_model(model_spec("simclr", depth=18, width=0.0625, sk=False, small_images=True,
+                                           in_channels=1)), size=10, dim=128, decay=0.9, device=torch.device("cpu"))
+    assert b.negatives() is None
+    b.load_state_dict(state)
+    assert torch.equal(b.negatives(), a.negatives()) and b.negatives().shape == (10, 128)
+    for k, v in a.ema.state_dict().items():
+        assert torch.equal(v, b.ema.state_dict()[k]), k
+    keys = torch.nn.functional.normalize(torch.randn(3, 128), dim=1)
+    a.enqueue(keys), b.enqueue(keys)
+    assert torch.equal(a.queue, b.queue) and torch.equal(b.queue[2:5], keys) and int(b.queue_ptr) == 5
 
 
 def test_memory_queue_fills_with_ema_keys(tmp_path):

@@ -58,8 +58,12 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically; an OSError (disk full, ...) names ``path``."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """``with atomic_path(path) as tmp:`` write the file at ``tmp`` (a hidden temporary file beside
+    ``path``); on leaving the block it is fsynced and renamed onto ``path`` (then the directory
+    fsynced), or removed if the block failed. An OSError (disk full, ...) names ``path``, not the
+    temporary file. Every file of ours is written through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -67,11 +71,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except OSError as e:  # name the file the user knows, not the hidden temporary one
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.close(fd)
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -86,6 +93,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

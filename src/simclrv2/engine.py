@@ -51,6 +51,9 @@ class Task:
 
     model: nn.Module
     net: nn.Module
+    # what a resume point stores beside the model and the optimiser (e.g. pretraining's memory queue):
+    # a module whose state_dict goes to the checkpoint's ``extra.*`` tensors
+    extra: nn.Module | None = None
     # parameter-name prefixes that LARS neither decays nor adapts (biases and BN parameters never are):
     # the linear classifiers, as the official head_supervised (:func:`simclrv2.optim.param_groups`)
     lars_excluded: tuple[str, ...] = CLASSIFIER_PREFIXES
@@ -64,12 +67,6 @@ class Task:
 
     def after_step(self) -> None:
         """Called after each optimiser step (EMA updates, queues)."""
-
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        pass
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         return {}
@@ -279,7 +276,8 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
         ckpt.load_state(model, ckpt.subdict(tensors, "model."), source, "model")
         if source == last:
             load_optimizer_tensors(opt, params, tensors)
-            task.load_extra_state(ckpt.subdict(tensors, "extra."))
+            if task.extra is not None:
+                ckpt.load_state(task.extra, ckpt.subdict(tensors, "extra."), source, f"{stage} state")
             if scaler is not None and saved.grad_scaler is not None:
                 scaler.load_state_dict(saved.grad_scaler)
         start = saved.step
@@ -309,7 +307,8 @@ def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: st
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         if name == "last":
             tensors.update(optimizer_tensors(opt, params))
-            tensors.update({f"extra.{k}": v for k, v in task.extra_state().items()})
+            if task.extra is not None:
+                tensors.update({f"extra.{k}": v for k, v in task.extra.state_dict().items()})
         bad = ckpt.first_non_finite(tensors)  # never replace a good checkpoint with a diverged one
         if bad:
             raise DivergenceError(f"{stage}: {bad} became non-finite by step {step}; {name}.safetensors not written; "

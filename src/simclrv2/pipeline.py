@@ -11,7 +11,6 @@ result is in OUT.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import yaml
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.config import check_preset, load_preset, make_config
+from simclrv2.distributed import is_main_process
 from simclrv2.errors import ConfigError
 from simclrv2.report import model_name, pipeline_feature_map, write_report
 from simclrv2.runtime import log
@@ -72,7 +72,7 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
     try:
         return _run_pipeline(preset_name, out, dataset, data_dir, label_fractions, overrides, device, stages)
     except BaseException:
-        if int(os.environ.get("RANK", "0")) == 0 and not had_yaml and path.is_dir() \
+        if is_main_process() and not had_yaml and path.is_dir() \
                 and not any(p.is_dir() for p in path.iterdir()):
             (path / "pipeline.yaml").unlink(missing_ok=True)
             for d in created:
@@ -142,7 +142,7 @@ def _run_pipeline(preset_name: str, out: str | Path, dataset: str | None, data_d
     if student:
         configs.append(cfg("distill", "distill_small", out="x", teacher="x", label_fraction=first, **student))
     resolved = {"preset": preset_name, "label_fractions": fractions, **preset}
-    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes files
+    main = is_main_process()  # under torchrun only rank 0 writes files
     if main:
         ckpt.atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
 

@@ -284,9 +284,9 @@ def feature_map(out: str | Path, checkpoint: str | Path, dataset: str | None = N
     ``simclrv2 evaluate`` does. Returns the map's description for report.json (None under torchrun on a
     rank other than 0). A map already made from the same checkpoint file is reused.
     """
-    import os
+    from simclrv2.distributed import is_main_process
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return None
     import numpy as np
     import torch
