@@ -121,7 +121,8 @@ def instrument(clock: Clock) -> None:
     wrap(NTXentLoss, "forward", "loss (NT-Xent)")
     wrap(DistillationLoss, "forward", "loss (distillation)")
     wrap(pretrain.ContrastiveTask, "loss", PRETRAIN_REST)
-    wrap(classify.ClassificationTask, "loss", CLASSIFY_REST)
+    wrap(classify.SupervisedTask, "loss", CLASSIFY_REST)  # fine-tuning, the baseline and linear evaluation
+    wrap(classify.DistillTask, "loss", CLASSIFY_REST)
     wrap(pretrain.ContrastiveTask, "after_step", "EMA + queue update")
     engine.BatchStream.epoch = clock.timed_generator("next batch", engine.BatchStream.epoch)
     wrap(checkpoint, "save_checkpoint", "checkpoints")

@@ -20,7 +20,7 @@ from simclrv2.engine import step_generator
 from simclrv2.errors import ConfigError
 from simclrv2.models import SimCLRModel, build_model, model_spec
 from simclrv2.runtime import Runtime, bf16_supported, init_runtime
-from simclrv2.stages.classify import ClassificationTask
+from simclrv2.stages.classify import SupervisedTask
 from simclrv2.stages.common import prepare_data, to_device
 from simclrv2.stages.pretrain import ContrastiveTask
 
@@ -78,7 +78,7 @@ def test_channels_last_classification_step(data):
         spec = WIDER.replace(kind="classifier", head_layers=0, head_layer=0)
         model = to_device(build_model(spec), rt, channels_last)
         cfg.channels_last = channels_last
-        results.append(_step(ClassificationTask(model, cfg, data.image_size, rt), data))
+        results.append(_step(SupervisedTask(model, cfg, data.image_size, rt), data))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-6)
     assert _grad_error(grads_b, grads_a) < GRAD_RTOL

@@ -28,6 +28,7 @@ from PIL import Image
 from simclrv2 import checkpoint as ckpt
 from simclrv2.data.image_check import cache_path
 from simclrv2.cli import main
+from simclrv2.engine import step_hook
 from simclrv2.errors import CheckpointError
 from simclrv2.models import build_model, model_spec
 
@@ -59,6 +60,18 @@ def run(*args: str) -> tuple[int, str]:
     text = err.getvalue()
     assert "Traceback" not in text, text
     return rc, text
+
+
+def interrupt_at(n: int):
+    """A step hook that interrupts (Ctrl-C) a run at its n-th step, after the update, before that step's checkpoint."""
+    calls = {"n": 0}
+
+    def hook(trainer):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+
+    return hook
 
 
 def error_line(rc: int, text: str, code: int = 2) -> str:
@@ -248,21 +261,10 @@ def test_disk_full_during_training_is_one_line_and_keeps_last_checkpoint(tmp_pat
     assert_outputs_whole(out)
 
 
-def test_json_beside_may_lag_resume_reads_the_safetensors_header(tmp_path, monkeypatch):
-    from simclrv2.stages import classify
-
+def test_json_beside_may_lag_resume_reads_the_safetensors_header(tmp_path):
     out = tmp_path / "run"
-    original, calls = classify.ClassificationTask.after_step, {"n": 0}
-
-    def interrupt(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        original(self)
-
-    monkeypatch.setattr(classify.ClassificationTask, "after_step", interrupt)
-    rc, text = run(*digits_args("supervised", out, "--checkpoint-every", "1"))
-    monkeypatch.undo()
+    with step_hook(interrupt_at(3)):
+        rc, text = run(*digits_args("supervised", out, "--checkpoint-every", "1"))
     assert rc == 130 and "run the same command again" in text and "step 2" in text, text
     # as if killed between the two renames: the .json still describes step 1
     meta = json.loads((out / "last.json").read_text())
@@ -357,14 +359,14 @@ def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     from simclrv2.stages import classify
 
     out = tmp_path / "run"
-    original, calls = classify.ClassificationTask.loss, {"n": 0}
+    original, calls = classify.SupervisedTask.loss, {"n": 0}
 
     def poisoned(self, images, labels, generator):
         calls["n"] += 1
         loss, parts = original(self, images, labels, generator)
         return (loss * float("nan") if calls["n"] == 5 else loss), parts
 
-    monkeypatch.setattr(classify.ClassificationTask, "loss", poisoned)
+    monkeypatch.setattr(classify.SupervisedTask, "loss", poisoned)
     line = error_line(*run(*digits_args("supervised", out, "--epochs", "3", "--checkpoint-every", "2")))
     assert "non-finite between steps 4 and 6" in line, line
     assert f"last good checkpoint {out / 'last.safetensors'} (step 4) is kept" in line and "--resume" in line
@@ -374,22 +376,17 @@ def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert max(r["step"] for r in rows) == 4
 
 
-def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
     """Weights can go non-finite while the step's loss (computed before the update) is finite."""
-    from simclrv2.stages import classify
-
     out = tmp_path / "run"
-    original, calls = classify.ClassificationTask.after_step, {"n": 0}
 
-    def corrupt(self):
-        original(self)
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def corrupt(trainer):
+        if trainer.step_count == 2:
             with torch.no_grad():
-                self.model.fc.weight[0, 0] = float("inf")
+                trainer.task.model.fc.weight[0, 0] = float("inf")
 
-    monkeypatch.setattr(classify.ClassificationTask, "after_step", corrupt)
-    line = error_line(*run(*digits_args("supervised", out, "--checkpoint-every", "1")))
+    with step_hook(corrupt):
+        line = error_line(*run(*digits_args("supervised", out, "--checkpoint-every", "1")))
     assert "model.fc.weight became non-finite by step 2" in line and "(step 1) is kept" in line, line
     assert ckpt.step_of(out / "last.safetensors") == 1
     assert_outputs_whole(out)
@@ -535,11 +532,9 @@ def test_dataloader_worker_errors_are_one_line(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ (seed, step) determinism, DataLoader path
 
-def test_results_do_not_depend_on_workers_interruption_or_global_rng(tmp_path, monkeypatch):
+def test_results_do_not_depend_on_workers_interruption_or_global_rng(tmp_path):
     """Image folders are read by DataLoader workers: the weights after 2 epochs are the same with 0
     or 2 workers, and after an interruption + --resume with the global RNGs scrambled."""
-    from simclrv2.stages import classify
-
     root = make_folder(tmp_path / "data")
     args = lambda out, *x: folder_args(root, out, "--epochs", "2", "--checkpoint-every", "2", *x)  # noqa: E731
     assert run(*args(tmp_path / "w0"))[0] == 0
@@ -547,9 +542,9 @@ def test_results_do_not_depend_on_workers_interruption_or_global_rng(tmp_path, m
     reference = weights(tmp_path / "w0" / "final.safetensors")
     assert_same(reference, weights(tmp_path / "w2" / "final.safetensors"))
 
-    original, calls = classify.ClassificationTask.after_step, {"n": 0}
+    calls = {"n": 0}
 
-    def interrupt_and_scramble(self):
+    def interrupt_and_scramble(trainer):
         calls["n"] += 1
         torch.manual_seed(1000 + calls["n"])  # anything that used the global RNGs would now differ
         np.random.seed(calls["n"])
@@ -557,13 +552,12 @@ def test_results_do_not_depend_on_workers_interruption_or_global_rng(tmp_path, m
         torch.rand(7)
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        original(self)
 
-    monkeypatch.setattr(classify.ClassificationTask, "after_step", interrupt_and_scramble)
     out = tmp_path / "resumed"
-    rc, text = run(*args(out, "--workers", "2"))
-    assert rc == 130 and "step 4" in text
-    assert run(*args(out, "--workers", "2", "--resume"))[0] == 0
+    with step_hook(interrupt_and_scramble):
+        rc, text = run(*args(out, "--workers", "2"))
+        assert rc == 130 and "step 4" in text
+        assert run(*args(out, "--workers", "2", "--resume"))[0] == 0
     assert calls["n"] > 6
     assert_same(reference, weights(out / "final.safetensors"))
 

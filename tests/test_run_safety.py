@@ -38,24 +38,21 @@ def one_thread():
 
 
 @pytest.fixture
-def steps(monkeypatch):
-    """Counts the training steps of classifier stages; ``steps.stop_at = k`` interrupts step k (Ctrl-C)."""
-    from simclrv2.stages import classify
-
-    original = classify.ClassificationTask.after_step
+def steps():
+    """Counts the training steps of the stages; ``steps.stop_at = k`` interrupts step k (Ctrl-C)."""
+    from simclrv2.engine import step_hook
 
     class Steps:
         n = 0
         stop_at = None
 
-    def after_step(self):
+    def count(trainer):
         Steps.n += 1
         if Steps.n == Steps.stop_at:
             raise KeyboardInterrupt
-        original(self)
 
-    monkeypatch.setattr(classify.ClassificationTask, "after_step", after_step)
-    return Steps
+    with step_hook(count):
+        yield Steps
 
 
 def rows(out: Path) -> list[int]:

@@ -117,7 +117,7 @@ def test_self_distillation_from_the_teacher_starts_as_the_teacher(tiny_pretraine
 def test_distillation_adapts_the_classifier_and_finetuning_does_not(tiny_pretrained, tiny_finetuned):
     from simclrv2.engine import build_optimizer
     from simclrv2.losses import DistillationLoss
-    from simclrv2.stages.classify import ClassificationTask
+    from simclrv2.stages.classify import DistillTask, SupervisedTask
 
     rt = init_runtime("cpu", "fp32")
     model, _ = load_model(tiny_finetuned[0], "classifier")
@@ -129,14 +129,13 @@ def test_distillation_adapts_the_classifier_and_finetuning_does_not(tiny_pretrai
 
     dcfg = make_config("distill", out="unused", teacher="unused", **TINY)
     # a student that starts as the trained teacher (what distill() does for self-distillation from the teacher)
-    distilling = ClassificationTask(model, dcfg, 8, rt, teacher=teacher, distill=DistillationLoss(0.1),
-                                    adapt_classifier=True)
+    distilling = DistillTask(model, dcfg, 8, rt, teacher=teacher, distill=DistillationLoss(0.1), adapt_classifier=True)
     assert id(model.fc.weight) in adapted(distilling, dcfg) and id(model.fc.bias) not in adapted(distilling, dcfg)
     # a fresh student's near-zero classifier: LARS's step is proportional to ||w||, so it stays plainly stepped
-    fresh = ClassificationTask(model, dcfg, 8, rt, teacher=teacher, distill=DistillationLoss(1.0))
+    fresh = DistillTask(model, dcfg, 8, rt, teacher=teacher, distill=DistillationLoss(1.0))
     assert id(model.fc.weight) not in adapted(fresh, dcfg)
     fcfg = make_config("finetune", out="unused", pretrained="unused", **TINY)
-    finetuning = ClassificationTask(model, fcfg, 8, rt)  # zero-initialised classifier: LARS would never move it
+    finetuning = SupervisedTask(model, fcfg, 8, rt)  # zero-initialised classifier: LARS would never move it
     assert id(model.fc.weight) not in adapted(finetuning, fcfg)
     assert id(model.encoder.conv1.weight) in adapted(finetuning, fcfg)
 
@@ -216,24 +215,54 @@ def test_memory_queue_fills_with_ema_keys(tmp_path):
     assert not torch.equal(ema[w], model[w])
 
 
-def test_resume_after_interruption_gives_identical_weights(tmp_path, monkeypatch):
-    from simclrv2.stages import classify
+def test_trainer_steps_driven_by_hand_equal_fit(tmp_path):
+    """The public step API (what bench/run.py times): Trainer.step over Trainer.batches, nothing
+    resumed, logged or saved, trains the weights Trainer.fit trains; the step hooks see every step."""
+    from simclrv2.checkpoint import CheckpointMeta
+    from simclrv2.engine import Trainer, step_hook
+    from simclrv2.models import model_spec
+    from simclrv2.stages.classify import SupervisedTask
+    from simclrv2.stages.common import prepare_data
+
+    cfg = make_config("supervised", out=str(tmp_path / "fit"), depth=18, width=0.0625, epochs=2, batch_size=48,
+                      checkpoint_every=3, **TINY)
+    rt = init_runtime("cpu", "fp32")
+    data = prepare_data(cfg)
+    spec = model_spec("classifier", depth=18, width=0.0625, sk=False, small_images=True, in_channels=1,
+                      head_layers=0, num_classes=10, image_size=data.image_size)
+
+    def trainer(out):
+        torch.manual_seed(0)
+        task = SupervisedTask(build_model(spec), cfg, data.image_size, rt)
+        return Trainer(task, cfg, rt, data.labeled, out, CheckpointMeta("supervised", spec))
+
+    fitted = trainer(tmp_path / "fit")
+    result = fitted.fit()
+    assert result.steps == fitted.total == 2 * (len(data.labeled) // 48) and fitted.step_count == fitted.total
+    assert ckpt.read_meta(tmp_path / "fit" / "final.safetensors").step == fitted.total
+    by_hand, seen = trainer(tmp_path / "hand"), []
+    by_hand.task.train()
+    with step_hook(lambda t: seen.append(t.step_count)):
+        for images, labels in by_hand.batches():
+            loss, _ = by_hand.step(images, labels)
+            assert torch.isfinite(loss)
+    assert seen == list(range(1, fitted.total + 1)) and not (tmp_path / "hand").exists()
+    for k, v in fitted.task.model.state_dict().items():
+        assert torch.equal(v, by_hand.task.model.state_dict()[k]), k
+
+
+def test_resume_after_interruption_gives_identical_weights(tmp_path):
+    from simclrv2.engine import step_hook
 
     base = dict(depth=18, width=0.0625, epochs=3, batch_size=48, checkpoint_every=2, **TINY)
     full = supervised(make_config("supervised", out=str(tmp_path / "a"), **base))
-    calls = {"n": 0}
-    original = classify.ClassificationTask.after_step
 
-    def interrupt(self):
-        calls["n"] += 1
-        if calls["n"] == 5:
+    def interrupt(trainer):
+        if trainer.step_count == 5:  # after step 5's update, before anything of it is written
             raise KeyboardInterrupt
-        original(self)
 
-    monkeypatch.setattr(classify.ClassificationTask, "after_step", interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with step_hook(interrupt), pytest.raises(KeyboardInterrupt):
         supervised(make_config("supervised", out=str(tmp_path / "b"), **base))
-    monkeypatch.setattr(classify.ClassificationTask, "after_step", original)
     assert ckpt.read_meta(tmp_path / "b" / "last.safetensors").step == 4
     assert not (tmp_path / "b" / "final.safetensors").exists()
     resumed = supervised(make_config("supervised", out=str(tmp_path / "b"), resume=True, **base))

@@ -1,7 +1,9 @@
 """Stages that train a classifier: fine-tune, supervised baseline, linear evaluation, distillation.
 
-They share one task: a crop + flip view -> classifier -> cross-entropy on the labels, or the
-distillation loss against a fixed teacher that sees the same view (docs/method.md §4-§6).
+One task per kind, sharing a base (:class:`SupervisedTask`): a crop + flip view -> classifier ->
+cross-entropy on the labels (fine-tuning, the supervised baseline), the same with a frozen encoder
+(:class:`LinearEvalTask`), or the distillation loss against a fixed teacher that sees the same
+view (:class:`DistillTask`) (docs/method.md §4-§6).
 """
 
 from __future__ import annotations
@@ -29,21 +31,53 @@ from simclrv2.stages.common import (
 )
 
 
-class ClassificationTask(Task):
-    def __init__(self, model: Classifier, cfg: RunConfig, image_size: int, rt: Runtime,
-                 teacher: nn.Module | None = None, distill: DistillationLoss | None = None, frozen_encoder: bool = False,
-                 adapt_classifier: bool = False):
+class SupervisedTask(Task):
+    """Cross-entropy on the labels of a crop + flip view of each image (docs/method.md §4): fine-tuning
+    and the supervised baseline; the base of the other classifier tasks."""
+
+    global_bn = True  # BatchNorm statistics over all processes (when --sync-bn)
+
+    def __init__(self, model: Classifier, cfg: RunConfig, image_size: int, rt: Runtime):
         self.model, self.cfg, self.rt = model, cfg, rt
         # the student / classifier only: a teacher runs without gradients (checkpointing would do nothing);
         # a frozen encoder runs in eval mode, where it does nothing either
         set_activation_checkpointing(model, cfg.activation_checkpointing)
-        self.frozen_encoder = frozen_encoder
-        if frozen_encoder:
-            model.encoder.requires_grad_(False)
-            model.head.requires_grad_(False)
-        self.net = wrap_model(model, rt, cfg.sync_bn and not frozen_encoder, cfg.compile)
+        self.net = wrap_model(model, rt, cfg.sync_bn and self.global_bn, cfg.compile)
         self.augment = FinetuneAugment(image_size, crop_scale=(cfg.crop_min, 1.0), pad_crop=cfg.pad_crop)
-        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+
+    def view(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = self.augment(images, generator, rows=batch_rows(images.shape[0], self.rt))  # drawn for the global batch
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def loss(self, images, labels, generator):
+        return F.cross_entropy(self.net(self.view(images, generator)).float(), labels), {}
+
+
+class LinearEvalTask(SupervisedTask):
+    """The linear classifier alone on a frozen encoder and head, BatchNorm statistics frozen too
+    (docs/method.md §4, linear evaluation)."""
+
+    global_bn = False  # frozen BatchNorms normalise with their running statistics: nothing to share
+
+    def __init__(self, model: Classifier, cfg: RunConfig, image_size: int, rt: Runtime):
+        model.encoder.requires_grad_(False)
+        model.head.requires_grad_(False)
+        super().__init__(model, cfg, image_size, rt)
+
+    def train(self):
+        self.model.train()
+        self.model.encoder.eval()
+        self.model.head.eval()
+
+
+class DistillTask(SupervisedTask):
+    """The distillation loss against a fixed teacher that sees the same view (docs/method.md §6),
+    mixed with the labels' cross-entropy when ``distill.alpha < 1``."""
+
+    def __init__(self, model: Classifier, cfg: RunConfig, image_size: int, rt: Runtime, teacher: nn.Module,
+                 distill: DistillationLoss, adapt_classifier: bool = False):
+        super().__init__(model, cfg, image_size, rt)
+        self.teacher = teacher.eval().requires_grad_(False)
         self.distill = distill
         if adapt_classifier:
             # A student that starts as a trained classifier (self-distillation from the teacher's weights): the
@@ -54,19 +88,8 @@ class ClassificationTask(Task):
             # classifier (near-zero weights) stays out: LARS's step is proportional to ||w||, it would barely move.
             self.lars_excluded = ()
 
-    def train(self):
-        self.model.train()
-        if self.frozen_encoder:  # linear evaluation: BN statistics frozen too
-            self.model.encoder.eval()
-            self.model.head.eval()
-
     def loss(self, images, labels, generator):
-        x = self.augment(images, generator, rows=batch_rows(images.shape[0], self.rt))  # drawn for the global batch
-        if self.cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.teacher is None:
-            loss = F.cross_entropy(self.net(x).float(), labels)
-            return loss, {}
+        x = self.view(images, generator)
         # the teacher first: its forward's buffers are freed before the student's activations pile up
         # (after them, this forward was ~50% slower on the CPU); the results are the same
         with torch.no_grad():
@@ -78,10 +101,10 @@ class ClassificationTask(Task):
 
 def _train_classifier(cfg: RunConfig, model: Classifier, data, rt: Runtime, train_set, out: Path,
                       meta: CheckpointMeta, label_fraction: float | None, run: StageRun | None = None,
-                      **task_kw) -> dict[str, Any]:
+                      task_class: type[SupervisedTask] = SupervisedTask, **task_kw) -> dict[str, Any]:
     stage = meta.stage
     check_compatible(meta, data, out)
-    task = ClassificationTask(model, cfg, data.image_size, rt, **task_kw)
+    task = task_class(model, cfg, data.image_size, rt, **task_kw)
     fitted = fit(task, cfg, rt, train_set, out, meta, run)
     result: dict[str, Any] = {"stage": stage, "params": count_params(model), "seconds": fitted.seconds,
                               "label_fraction": label_fraction, "labeled_images": len(data.labeled)}
@@ -164,7 +187,7 @@ def linear_eval(cfg: LinearEvalConfig, rt: Runtime, run: StageRun) -> dict[str, 
     model = to_device(model, rt, cfg.channels_last)
     meta = _meta("linear_eval", spec, data, cfg, pretrained=str(ckpt.resolve(cfg.pretrained)))
     return _train_classifier(cfg, model, data, rt, data.labeled, out, meta, _label_fraction(cfg, data),
-                             run, frozen_encoder=True)
+                             run, LinearEvalTask)
 
 
 @stage_function("distill", "teacher")
@@ -210,7 +233,8 @@ def distill(cfg: DistillConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     log.info(f"distill: {'self-distillation' if same else 'big-to-small'} tau={tau} alpha={cfg.alpha} "
              f"on {len(data.all_images())} images")
     result = _train_classifier(cfg, student, data, rt, data.all_images(), out, meta, _label_fraction(cfg, data),
-                               run, teacher=teacher, distill=DistillationLoss(tau, cfg.alpha), adapt_classifier=whole)
+                               run, DistillTask, teacher=teacher, distill=DistillationLoss(tau, cfg.alpha),
+                               adapt_classifier=whole)
     return result
 
 
@@ -235,4 +259,4 @@ def evaluate(checkpoint: str, dataset: str | None = None, data_dir: str | None =
     return result
 
 
-__all__ = ["ClassificationTask", "distill", "evaluate", "finetune", "linear_eval", "supervised"]
+__all__ = ["DistillTask", "LinearEvalTask", "SupervisedTask", "distill", "evaluate", "finetune", "linear_eval", "supervised"]
