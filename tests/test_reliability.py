@@ -475,7 +475,14 @@ def test_mixed_modes_and_sizes_train(tmp_path):
     out = tmp_path / "out"
     rc, text = run(*folder_args(root, out))
     assert rc == 0, text
-    assert ckpt.read_meta(out / "final.safetensors").result["top1"] >= 0
+    meta = ckpt.read_meta(out / "final.safetensors")
+    # every training image was read (16 labelled, 2 steps of 8) and the 4 validation images were evaluated
+    assert meta.result["labeled_images"] == 16 and meta.step == meta.total_steps == 2
+    assert meta.result["top1"] in (0.0, 25.0, 50.0, 75.0, 100.0)
+    from simclrv2.stages import evaluate
+
+    again = evaluate(str(out), data_dir=str(root), device="cpu", precision=meta.precision, workers=0)
+    assert again["images"] == 4 and again["top1"] == meta.result["top1"] and again["top5"] == 100.0  # 2 classes
 
 
 def test_subset_files_naming_missing_or_escaping_images(tmp_path):
