@@ -378,34 +378,8 @@ def _convert(path: str | os.PathLike, kind: str | None = None, head_layer: int |
                      arch["avg_down"], head_layers=head_layers, proj_dim=int(proj_dim),
                      num_classes=int(num_classes) if (kind == "classifier" or probe) else None,
                      head_layer=head_layer if kind == "classifier" else 0)
-    with torch.device("meta"):  # names and shapes only: no memory for (possibly huge) weights
-        model = build_model(spec)
-
     used: set[str] = set()
-    sd: dict[str, torch.Tensor] = {}
-    conv_names, bn_names = _encoder_order(model.encoder)
-    if len(conv_names) != len(lay.convs) or len(bn_names) != len(lay.bns):
-        raise CheckpointError(f"{where}: {len(lay.convs)} conv kernels and {len(lay.bns)} batch norms; the inferred "
-                              f"ResNet-{spec.depth} has {len(conv_names)} and {len(bn_names)}")
-    for tf_name, ours in zip(lay.convs, conv_names):
-        sd[f"encoder.{ours}.weight"] = _tensor(ck, tf_name, "conv", used)
-    for attrs, ours in zip(lay.bns, bn_names):
-        sd.update(_bn_state(ck, attrs, f"encoder.{ours}", used))
-    keep = head_layers if kind == "simclr" else head_layer
-    for j, (kernel, attrs) in enumerate(lay.head[:keep]):
-        sd[f"head.layers.{j}.linear.weight"] = _tensor(ck, kernel, "dense", used)
-        sd.update(_bn_state(ck, attrs, f"head.layers.{j}.bn", used))
-    if lay.sup is not None and (kind == "classifier" or probe):
-        dst = "fc" if kind == "classifier" else "probe"
-        sd[f"{dst}.weight"] = _tensor(ck, lay.sup[0], "dense", used)
-        if lay.sup[1] is None:
-            raise CheckpointError(f"{where}: {lay.sup[0]} has no bias; expected head_supervised/linear_layer/dense/bias")
-        sd[f"{dst}.bias"] = _tensor(ck, lay.sup[1], "vector", used)
-
-    mismatch = ckpt.state_mismatch(model.state_dict(), sd)
-    if mismatch:
-        raise CheckpointError(f"{where}: does not convert to ResNet-{spec.depth} width {spec.width} "
-                              f"sk={spec.selective_kernel} with a {head_layers}-layer head: {mismatch}")
+    sd = _state_dict(ck, lay, spec, used)
 
     ignored = [n for n in names if _is_bookkeeping(n)]
     unused = sorted(n for n in names if n not in used and not _is_bookkeeping(n))
@@ -416,6 +390,38 @@ def _convert(path: str | os.PathLike, kind: str | None = None, head_layer: int |
     info.update(source=str(Path(os.path.abspath(ck.prefix))), global_step=step, tensors_used=len(used),
                 bookkeeping_ignored=len(ignored), unused_count=len(unused), unused_variables=unused[:50])
     return sd, spec, info
+
+
+def _state_dict(ck: TFCheckpoint, lay: _Layout, spec: ModelSpec, used: set[str]) -> dict[str, torch.Tensor]:
+    """The state dict of ``spec``'s model from the checkpoint's variables (their names added to
+    ``used``), checked against the model's names and shapes."""
+    where = ck.index_path
+    with torch.device("meta"):  # names and shapes only: no memory for (possibly huge) weights
+        model = build_model(spec)
+    sd: dict[str, torch.Tensor] = {}
+    conv_names, bn_names = _encoder_order(model.encoder)
+    if len(conv_names) != len(lay.convs) or len(bn_names) != len(lay.bns):
+        raise CheckpointError(f"{where}: {len(lay.convs)} conv kernels and {len(lay.bns)} batch norms; the inferred "
+                              f"ResNet-{spec.depth} has {len(conv_names)} and {len(bn_names)}")
+    for tf_name, ours in zip(lay.convs, conv_names):
+        sd[f"encoder.{ours}.weight"] = _tensor(ck, tf_name, "conv", used)
+    for attrs, ours in zip(lay.bns, bn_names):
+        sd.update(_bn_state(ck, attrs, f"encoder.{ours}", used))
+    keep = spec.head_layers if spec.kind == "simclr" else spec.head_layer
+    for j, (kernel, attrs) in enumerate(lay.head[:keep]):
+        sd[f"head.layers.{j}.linear.weight"] = _tensor(ck, kernel, "dense", used)
+        sd.update(_bn_state(ck, attrs, f"head.layers.{j}.bn", used))
+    if lay.sup is not None and spec.num_classes is not None:  # the classifier, or the simclr model's probe
+        dst = "fc" if spec.kind == "classifier" else "probe"
+        sd[f"{dst}.weight"] = _tensor(ck, lay.sup[0], "dense", used)
+        if lay.sup[1] is None:
+            raise CheckpointError(f"{where}: {lay.sup[0]} has no bias; expected head_supervised/linear_layer/dense/bias")
+        sd[f"{dst}.bias"] = _tensor(ck, lay.sup[1], "vector", used)
+    mismatch = ckpt.state_mismatch(model.state_dict(), sd)
+    if mismatch:
+        raise CheckpointError(f"{where}: does not convert to ResNet-{spec.depth} width {spec.width} "
+                              f"sk={spec.selective_kernel} with a {spec.head_layers}-layer head: {mismatch}")
+    return sd
 
 
 def _kind(kind: str | None, lay: _Layout, head_layers: int, hint) -> tuple[str, str]:
