@@ -10,10 +10,10 @@ Sections, each in its own subprocess (so that its peak resident memory is its ow
 * ``augment``: pretraining views per second at 28 px / 1 ch, 32 px / 3 ch and 224 px / 3 ch
   (``bench/augment_bench.py``, own ops only);
 * ``pretrain``, ``pretrain_memory``, ``finetune``, ``distill``: OUR step -- the real task of the
-  stage (``ContrastiveTask`` / ``ClassificationTask``) and ``engine.train_step``, i.e. exactly
-  what ``engine.fit`` runs per step: next batch of the epoch's order, views from the uint8
-  images, forward, loss, backward, LARS (or the stage's optimiser) at the scheduled lr,
-  ``after_step`` (EMA + queue) -- against the BARE step: forward + backward + plain
+  stage (``ContrastiveTask`` / ``SupervisedTask`` / ``DistillTask``) and ``engine.Trainer.step``,
+  i.e. exactly what the stages' training loop runs per step: next batch of the epoch's order, views
+  from the uint8 images, forward, loss, backward, LARS (or the stage's optimiser) at the scheduled
+  lr, ``after_step`` (EMA + queue), the loss bookkeeping -- against the BARE step: forward + backward + plain
   ``torch.optim.SGD`` of a copy of the same network on a ready-made float batch of the same
   shape, loss = mean of the outputs squared (+ a no-grad forward of an EMA copy with the memory
   queue, of the teacher for distillation). The cpu-demo preset's model and batch sizes
@@ -58,9 +58,9 @@ except ImportError:  # a checkout without PYTHONPATH=src
     sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
 from simclrv2.config import load_preset, make_config  # noqa: E402
-from simclrv2.engine import BatchStream, build_optimizer, step_generator, train_step  # noqa: E402
+from simclrv2.checkpoint import CheckpointMeta  # noqa: E402
+from simclrv2.engine import BatchStream, Trainer  # noqa: E402
 from simclrv2.models import build_model, model_spec  # noqa: E402
-from simclrv2.optim import WarmupCosine, scale_lr  # noqa: E402
 from simclrv2.runtime import init_runtime  # noqa: E402
 
 SECTIONS = ["augment", "pretrain", "pretrain_memory", "finetune", "distill", "imagefolder"]
@@ -150,27 +150,21 @@ def setup(stage: str, **options):
     return cfg, rt, prepare_data(cfg)
 
 
-def our_step(task, cfg, rt, dataset):
-    """A closure running one step of ``engine.fit``: the next batch of the epoch's order,
-    ``train_step`` at the scheduled learning rate (a run of 1000 steps), the loss bookkeeping."""
-    stream = BatchStream(dataset, cfg.batch_size, cfg.seed, rt, cfg.workers)
-    opt = build_optimizer(task.model, cfg, task.lars_excluded)
-    total = 1000
-    schedule = WarmupCosine(scale_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling), total, int(round(cfg.warmup_fraction * total)))
-    state = {"step": 0, "batches": iter(()), "sums": None}
+def our_step(task, cfg, rt, dataset, stage, spec):
+    """A closure running one step of the stages' loop: ``Trainer.step`` on the next batch of
+    the epoch's order (the stage's schedule, its optimiser, the loss bookkeeping); from step 0
+    again after the run's last step. Nothing is written (``Trainer.resume`` / ``log`` are not called)."""
+    trainer = Trainer(task, cfg, rt, dataset, "unused", CheckpointMeta(stage, spec))
+    state = {"batches": trainer.batches()}
     task.train()
 
     def step():
         batch = next(state["batches"], None)
         if batch is None:
-            state["batches"] = stream.epoch(state["step"] // stream.steps_per_epoch)
+            trainer.step_count = 0
+            state["batches"] = trainer.batches()
             batch = next(state["batches"])
-        images, labels = batch
-        s = state["step"]
-        loss, parts = train_step(task, opt, rt, images, labels, schedule(s), step_generator(cfg.seed, s, rt.device))
-        values = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())])
-        state["sums"] = values if state["sums"] is None else state["sums"] + values
-        state["step"] = s + 1
+        trainer.step(*batch)
 
     return step
 
@@ -213,14 +207,14 @@ def section_pretrain(quick: bool, memory_size: int = 0) -> dict:
     x = torch.rand(2 * b, data.channels, s, s)  # both views
     ema = copy.deepcopy(bare_model).requires_grad_(False) if memory_size else None
     if memory_size:  # a full queue, as after the first memory_size / 2B steps
-        task._enqueue(torch.nn.functional.normalize(torch.randn(memory_size, cfg.proj_dim), dim=1))
-    out = compare(our_step(task, cfg, rt, data.all_images()), bare_step(bare_model, x, ema), b, quick)
+        task.memory.enqueue(torch.nn.functional.normalize(torch.randn(memory_size, cfg.proj_dim), dim=1))
+    out = compare(our_step(task, cfg, rt, data.all_images(), "pretrain", spec), bare_step(bare_model, x, ema), b, quick)
     out.update(model=f"ResNet-{cfg.depth} x{cfg.width}, {s} px, {data.channels} ch", memory_size=memory_size,
                optimizer=cfg.optimizer)
     return out
 
 
-def _classifier_spec(m: dict, data, head_layers: int, head_layer: int) -> dict:
+def _classifier_spec(m: dict, data, head_layers: int, head_layer: int):
     return model_spec("classifier", depth=m["depth"], width=m["width"], sk=m["sk"], small_images=data.small_images,
                       in_channels=data.channels, head_layers=head_layers, num_classes=len(data.classes),
                       head_layer=head_layer)
@@ -230,32 +224,34 @@ def section_classify(quick: bool, stage: str) -> dict:
     """fine-tune: a classifier from head layer 1 on the labeled subset; distill: a same-size
     student on all images against a fixed teacher (the fine-tuned classifier)."""
     from simclrv2.losses import DistillationLoss
-    from simclrv2.stages.classify import ClassificationTask
+    from simclrv2.stages.classify import DistillTask, SupervisedTask
     from simclrv2.stages.common import to_device
 
     options = {"pretrained": "unused"} if stage == "finetune" else {"teacher": "unused"}
     cfg, rt, data = setup(stage, **options)
     m = load_preset(PRESET)["model"]
-    finetuned = build_model(_classifier_spec(m, data, head_layers=3, head_layer=1))
+    spec = _classifier_spec(m, data, head_layers=3, head_layer=1)
+    finetuned = build_model(spec)
     if stage == "finetune":
         model, kw, dataset, extra = finetuned, {}, data.labeled, None
     else:  # self-distillation: a student of the teacher's size, tau 0.1
-        model = build_model(_classifier_spec(m, data, head_layers=0, head_layer=0))
+        spec = _classifier_spec(m, data, head_layers=0, head_layer=0)
+        model = build_model(spec)
         teacher = to_device(finetuned, rt, cfg.channels_last)
         kw = {"teacher": teacher, "distill": DistillationLoss(cfg.temperature or 0.1, cfg.alpha)}
         dataset, extra = data.all_images(), teacher
     model = to_device(model, rt, cfg.channels_last)
     bare_model = copy.deepcopy(model)
-    task = ClassificationTask(model, cfg, data.image_size, rt, **kw)  # puts the teacher in eval mode
+    task = (DistillTask if kw else SupervisedTask)(model, cfg, data.image_size, rt, **kw)  # puts the teacher in eval mode
     b, s = cfg.batch_size, data.image_size
     x = torch.rand(b, data.channels, s, s)
-    out = compare(our_step(task, cfg, rt, dataset), bare_step(bare_model, x, extra), b, quick)
+    out = compare(our_step(task, cfg, rt, dataset, stage, spec), bare_step(bare_model, x, extra), b, quick)
     out.update(model=f"ResNet-{m['depth']} x{m['width']}, {s} px, {data.channels} ch", optimizer=cfg.optimizer)
     return out
 
 
 def kernel_setup(name: str, variant: str, seed: int = 0):
-    """(task, cfg, rt, dataset, bare model, bare batch) of a kernel section: the real
+    """(our step, bare step) of a kernel section: the real
     ``ContrastiveTask`` (views from uint8, 3-layer head, NT-Xent + online probe, LARS) of a
     ResNet on random 3-channel uint8 images, at ``variant``'s precision / memory format."""
     from simclrv2.data import TensorImageDataset
@@ -280,7 +276,7 @@ def kernel_setup(name: str, variant: str, seed: int = 0):
     x = torch.rand(2 * batch, 3, px, px)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return task, cfg, rt, ds, bare_model, x
+    return our_step(task, cfg, rt, ds, "pretrain", spec), bare_step(bare_model, x, rt=rt)
 
 
 def section_kernel(quick: bool, name: str) -> dict:
@@ -289,8 +285,7 @@ def section_kernel(quick: bool, name: str) -> dict:
     depth, width, px, batch, _ = KERNEL_SECTIONS[name]
     out = {"model": f"ResNet-{depth} x{width}, {px} px, 3 ch, batch {batch}"}
     for variant in KERNEL_VARIANTS:
-        task, cfg, rt, ds, bare_model, x = kernel_setup(name, variant)
-        out[variant] = compare(our_step(task, cfg, rt, ds), bare_step(bare_model, x, rt=rt), batch, quick)
+        out[variant] = compare(*kernel_setup(name, variant), batch, quick)
     return out
 
 

@@ -95,9 +95,8 @@ def main(argv=None) -> int:
     steps = {"official": OfficialStep(a.tf_python, a.simclr_dir, depth, width, px, batch, a.threads)}
     report["tensorflow"] = steps["official"].info.get("tensorflow")
     for v in a.variants:
-        task, cfg, rt, ds, bare_model, x = bench.kernel_setup(a.section, v)
-        steps[f"ours {v}"] = timed(bench.our_step(task, cfg, rt, ds))
-        steps[f"bare {v}"] = timed(bench.bare_step(bare_model, x, rt=rt))
+        ours, bare = bench.kernel_setup(a.section, v)
+        steps[f"ours {v}"], steps[f"bare {v}"] = timed(ours), timed(bare)
     try:
         for name, fn in steps.items():  # warm-up (the official one warmed up before "ready")
             if name != "official":

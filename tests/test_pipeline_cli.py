@@ -60,18 +60,17 @@ def test_pipeline_tiny_writes_report_and_reuses_stages(tmp_path):
     # evaluation), last.* gone too: it is finished from final.*, not trained again from scratch
     pre = out / "pretrain"
     tensors, meta = ckpt.load_checkpoint(pre / "final.safetensors")
-    del meta["result"]
-    ckpt.save_checkpoint(pre / "final", tensors, meta)
+    ckpt.save_checkpoint(pre / "final", tensors, meta.replace(result=None))
     for name in ("last.safetensors", "last.json"):
         (pre / name).unlink()
     rows = (pre / "metrics.jsonl").read_text()
     assert main(["-q", "pipeline", "--preset", "tiny", "--out", str(out)]) == 0
     assert (pre / "metrics.jsonl").read_text() == rows  # a fresh start would have rewritten it
     finished, fmeta = ckpt.load_checkpoint(pre / "final.safetensors")
-    assert fmeta["result"]["knn"] == report["pretrain"]["knn_top1"]
+    assert fmeta.result["knn"] == report["pretrain"]["knn_top1"]
     assert all(torch.equal(finished[k], tensors[k]) for k in tensors)
     # its time is the training time of the run that did the work (plus this one's moment)
-    assert 0 < meta["train_seconds"] <= fmeta["train_seconds"] < meta["train_seconds"] + 60
+    assert 0 < meta.train_seconds <= fmeta.train_seconds < meta.train_seconds + 60
 
 
 @pytest.mark.parametrize("args,needle", [

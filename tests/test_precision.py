@@ -21,12 +21,12 @@ from simclrv2.engine import step_generator
 from simclrv2.errors import ConfigError
 from simclrv2.models import SimCLRModel, build_model, model_spec
 from simclrv2.runtime import Runtime, bf16_supported, init_runtime
-from simclrv2.stages.classify import ClassificationTask
+from simclrv2.stages.classify import SupervisedTask
 from simclrv2.stages.common import prepare_data, to_device
 from simclrv2.stages.pretrain import ContrastiveTask
 
 SPEC = model_spec("simclr", depth=18, width=0.0625, sk=False, small_images=True, in_channels=1, num_classes=10)
-WIDER = dict(SPEC, width=0.125)  # >= 8 channels everywhere
+WIDER = SPEC.replace(width=0.125)  # >= 8 channels everywhere
 GRAD_RTOL = 5e-5  # fp32 gradients of these nets are good to ~1e-5 of the largest (measured against fp64)
 
 
@@ -76,10 +76,10 @@ def test_channels_last_classification_step(data):
     results = []
     for channels_last in (False, True):
         torch.manual_seed(0)
-        spec = dict(WIDER, kind="classifier", head_layers=0, head_layer=0)
+        spec = WIDER.replace(kind="classifier", head_layers=0, head_layer=0)
         model = to_device(build_model(spec), rt, channels_last)
         cfg.channels_last = channels_last
-        results.append(_step(ClassificationTask(model, cfg, data.image_size, rt), data))
+        results.append(_step(SupervisedTask(model, cfg, data.image_size, rt), data))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-6)
     assert _grad_error(grads_b, grads_a) < GRAD_RTOL

@@ -35,8 +35,9 @@ __all__ = [
     "pipeline", "predict", "pretrain", "supervised",
 ]
 
-_SUBMODULES = {"checkpoint", "cli", "config", "data", "distributed", "engine", "errors", "export", "feature_map",
-               "inference", "losses", "metrics", "models", "optim", "pipeline", "report", "runtime", "stages", "tf_import"}
+_SUBMODULES = {"checkpoint", "cli", "config", "data", "distributed", "engine", "errors", "export", "feature_map", "inference", "losses",
+               "metrics", "models", "optim", "pipeline", "report", "rundir", "runtime", "stages", "tf_bundle",
+               "tf_import"}
 
 
 def _logs_like_cli(fn):
@@ -157,8 +158,11 @@ def import_tf(checkpoint: str, out: str, kind: str | None = None, head_layer: in
 
 
 def load_model(checkpoint: str, kind: str | None = None):
-    """(model, metadata) of a checkpoint file or stage directory; ``kind`` 'simclr' / 'classifier' is checked if given."""
-    from simclrv2.stages.common import load_model as _load_model
+    """(model, metadata) of a checkpoint file or stage directory; ``kind`` 'simclr' / 'classifier' is checked if given.
+
+    The metadata is a :class:`simclrv2.checkpoint.CheckpointMeta` (``meta.model`` its
+    :class:`simclrv2.models.ModelSpec`, ``meta.classes``, ``meta.image_size``, ``meta.result``, ...)."""
+    from simclrv2.checkpoint import load_model as _load_model
 
     return _load_model(checkpoint, kind)
 

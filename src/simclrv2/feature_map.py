@@ -54,30 +54,28 @@ def feature_map(out: str | Path, checkpoint: str | Path, dataset: str | None = N
     ``simclrv2 evaluate`` does. Returns the map's description for report.json (None under torchrun on a
     rank other than 0). A map already made from the same checkpoint file is reused.
     """
-    import os
+    from simclrv2.distributed import is_main_process
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return None
     import numpy as np
     import torch
 
-    from simclrv2.checkpoint import resolve
+    from simclrv2.checkpoint import load_model, resolve
     from simclrv2.data import load_dataset, subset
     from simclrv2.data.augment import EvalTransform
     from simclrv2.engine import predict
     from simclrv2.inference import feature_function
     from simclrv2.report import model_name, plot_feature_map
     from simclrv2.runtime import Runtime
-    from simclrv2.stages.common import load_model
 
     out = Path(out)
     source = resolve(checkpoint)
     model, meta = load_model(source)
-    meta["_source"] = str(source)
     stat = source.stat()
     methods = ["t-SNE"] + (["UMAP"] if _umap_available() else [])
     key = {"checkpoint": str(source), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "max_images": max_images,
-           "seed": seed, "methods": methods, "dataset": dataset or meta.get("dataset")}
+           "seed": seed, "methods": methods, "dataset": dataset or meta.dataset}
     cache = out / (Path(png).stem + ".json")
     if (out / png).exists() and cache.exists():
         try:
@@ -87,24 +85,24 @@ def feature_map(out: str | Path, checkpoint: str | Path, dataset: str | None = N
         if saved.get("key") == key:
             return saved["info"]
 
-    test = load_dataset(key["dataset"], "test", data_dir, meta.get("image_size"))
+    test = load_dataset(key["dataset"], "test", data_dir, meta.image_size)
     n = len(test)
     if n > max_images:  # stratified: every class keeps its share
         rng = np.random.default_rng(seed)
         idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(test.labels == c))[: int(round(max_images * np.mean(test.labels == c)))]
                                       for c in np.unique(test.labels)]))[:max_images]
         test = subset(test, idx)
-    fn, layer = feature_function(model, meta)
+    fn, layer = feature_function(model, source=str(source))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    feats, labels = predict(model.to(device), test, Runtime(device, None), EvalTransform(meta.get("image_size") or test.image_size),
+    feats, labels = predict(model.to(device), test, Runtime(device, None), EvalTransform(meta.image_size or test.image_size),
                             500, fn=fn)
     maps = {m: embed_2d(feats.numpy(), seed, m) for m in methods}
-    spec = meta["model"]
-    stage = meta.get("stage", "")
-    what = {"distill": "self-distilled" if meta.get("self_distillation") else "distilled", "finetune": "fine-tuned",
+    spec = meta.model
+    stage = meta.stage
+    what = {"distill": "self-distilled" if meta.self_distillation else "distilled", "finetune": "fine-tuned",
             "supervised": "supervised", "linear_eval": "linear-eval", "pretrain": "pretrained",
-            "import-tf": "imported"}.get(stage, stage or spec["kind"])
-    layer_name = ("features before the classifier's fc" if spec["kind"] == "classifier" else "encoder output") + \
+            "import-tf": "imported"}.get(stage, stage or spec.kind)
+    layer_name = ("features before the classifier's fc" if spec.kind == "classifier" else "encoder output") + \
         (f", head layer {layer}" if layer else "")
     info = {"png": png, "methods": methods, "images": int(len(test)), "dataset": test.name, "layer": layer_name,
             "model": f"{what} {model_name(spec)}", "checkpoint": str(source)}

@@ -11,7 +11,6 @@ result is in OUT.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.config import check_preset, load_preset, make_config
+from simclrv2.distributed import is_main_process
 from simclrv2.errors import ConfigError
 from simclrv2.feature_map import pipeline_feature_map
 from simclrv2.report import model_name, write_report
@@ -74,7 +74,7 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
     try:
         return _run_pipeline(preset_name, out, dataset, data_dir, label_fractions, overrides, device, stages)
     except BaseException:
-        if int(os.environ.get("RANK", "0")) == 0 and not had_yaml and path.is_dir() \
+        if is_main_process() and not had_yaml and path.is_dir() \
                 and not any(p.is_dir() for p in path.iterdir()):
             (path / "pipeline.yaml").unlink(missing_ok=True)
             for d in created:
@@ -173,7 +173,7 @@ def _run_pipeline(preset_name: str, out: str | Path, dataset: str | None, data_d
         raise ConfigError(f"--stages: unknown {unknown}; expected some of {', '.join(STAGES)}")
     out = Path(out)
     graph = plan(preset, fractions, out)
-    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes files
+    main = is_main_process()  # under torchrun only rank 0 writes files
     if main:
         resolved = {"preset": preset_name, "label_fractions": fractions, **preset}
         ckpt.atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
@@ -197,7 +197,7 @@ def _run_pipeline(preset_name: str, out: str | Path, dataset: str | None, data_d
     pre = results[pre_node.out]
     report = {"dataset": pre_node.config.dataset, "preset": str(preset_name),
               "results": [_row(n, results[n.out]) for n in graph if n.row],
-              "pretrain": {"model": model_name(ckpt.read_meta(pre_node.out / "final.safetensors")["model"]),
+              "pretrain": {"model": model_name(ckpt.read_meta(pre_node.out / "final.safetensors").model),
                            "knn_top1": pre.get("knn"), "seconds": pre.get("seconds"), "params": pre.get("params")},
               "total_seconds": time.perf_counter() - started}
     curves = {"pretrain": str(pre_node.out / "metrics.jsonl")}
@@ -218,7 +218,7 @@ def _run_node(node: Node, selected: bool, fn, stage_done) -> dict[str, Any] | No
     """The node's result: trained (its stage selected), reused (finished in its directory), or None."""
     if not selected:
         done = stage_done(node.out)
-        return None if done is None else done["result"]
+        return None if done is None else done.result
     for need in node.needs:
         if stage_done(Path(need)) is None:
             raise ConfigError(f"--stages {node.stage}: needs the finished {NEEDS[node.stage]} stage in {need}; "
@@ -236,13 +236,13 @@ def _run_node(node: Node, selected: bool, fn, stage_done) -> dict[str, Any] | No
 def _variant(node: Node) -> str | None:
     variant = node.row[1]
     if variant == "head layer":  # the layer the stage resolved (a default depends on the label fraction)
-        return f"head layer {ckpt.read_meta(node.out / 'final.safetensors')['model']['head_layer']}"
+        return f"head layer {ckpt.read_meta(node.out / 'final.safetensors').model.head_layer}"
     return variant
 
 
 def _row(node: Node, res: dict[str, Any]) -> dict[str, Any]:
     meta = ckpt.read_meta(node.out / "final.safetensors")
-    row = {"stage": node.row[0], "model": model_name(meta["model"]), "params": int(res["params"]),
+    row = {"stage": node.row[0], "model": model_name(meta.model), "params": int(res["params"]),
            "label_fraction": float(node.fraction), "top1": float(res["top1"]), "top5": float(res["top5"]),
            "seconds": float(res["seconds"])}
     variant = _variant(node)

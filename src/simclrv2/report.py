@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from simclrv2.checkpoint import atomic_write_text
+from simclrv2.models.spec import ModelSpec
 
 STAGE_NAMES = {
     "supervised": "Supervised baseline",
@@ -19,10 +20,8 @@ STAGE_NAMES = {
 }
 
 
-def model_name(spec: dict[str, Any]) -> str:
-    w = spec["width"]
-    width = f"{w:g}x"
-    return f"ResNet-{spec['depth']} ({width}{'+SK' if spec.get('sk') else ''})"
+def model_name(spec: ModelSpec) -> str:
+    return f"ResNet-{spec.depth} ({spec.width:g}x{'+SK' if spec.selective_kernel else ''})"
 
 
 def _fmt_time(seconds: float) -> str:

@@ -20,7 +20,6 @@ from simclrv2.data.image_check import unreadable_images
 from simclrv2.distributed import broadcast_object
 from simclrv2.engine import predict, topk_accuracy
 from simclrv2.errors import CheckpointError, ConfigError, DataError
-from simclrv2.models import build_model
 from simclrv2.rundir import StageRun
 from simclrv2.runtime import Runtime, log
 
@@ -140,42 +139,15 @@ def _empty_like(ds: ImageDataset) -> ImageDataset:
     return subset(ds, [])
 
 
-def load_model(path: str | Path, kind: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """A model and its checkpoint metadata; ``kind`` ('simclr' / 'classifier') is checked if given."""
-    tensors, meta = ckpt.load_checkpoint(path)
-    source = ckpt.resolve(path)
-    spec = meta.get("model")
-    if not isinstance(spec, dict):
-        raise CheckpointError(f"{source}: checkpoint JSON has no model spec")
-    if kind is not None and spec.get("kind") != kind:
-        expected = {"simclr": "a pretrained (pretrain/import-tf) checkpoint",
-                    "classifier": "a classifier (finetune/distill/supervised) checkpoint"}[kind]
-        raise CheckpointError(f"{source}: is a {spec.get('kind')!r} checkpoint of stage {meta.get('stage')!r}; expected {expected}")
-    try:
-        model = build_model(spec)
-    except (ConfigError, CheckpointError, KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{source}: invalid model spec in the checkpoint ({' '.join(str(e).split())[:200]})") from None
-    what = f"{spec.get('kind')} model (depth {spec.get('depth')}, width {spec.get('width')})"
-    ckpt.load_state(model, ckpt.subdict(tensors, "model."), source, what)
-    classes = meta.get("classes")
-    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
-        raise CheckpointError(f"{source}: invalid class list in the checkpoint (expected a list of names)")
-    if spec.get("kind") == "classifier" and classes and len(classes) != spec.get("num_classes"):
-        raise CheckpointError(f"{source}: the checkpoint names {len(classes)} classes for its {spec.get('num_classes')}-class "
-                              "classifier; its class list and its model do not belong together")
-    return model, meta
-
-
-def check_compatible(meta: dict[str, Any], data: Data, source: str | Path) -> None:
+def check_compatible(meta: ckpt.CheckpointMeta, data: Data, source: str | Path) -> None:
     """The checkpointed model fits the dataset: channels, and classes for a classifier."""
-    spec = meta["model"]
-    source = meta.get("pretrained") or source  # name the file the model came from
-    if spec.get("in_channels") != data.channels:
-        raise CheckpointError(f"{source}: the model takes {spec.get('in_channels')}-channel images; "
+    spec = meta.model
+    source = meta.pretrained or source  # name the file the model came from
+    if spec.in_channels != data.channels:
+        raise CheckpointError(f"{source}: the model takes {spec.in_channels}-channel images; "
                               f"expected {data.channels} channels for this dataset")
-    n = spec.get("num_classes")
-    if spec.get("kind") == "classifier" and n != len(data.classes):
-        raise CheckpointError(f"{source}: the classifier has {n} classes; expected {len(data.classes)} for this dataset")
+    if spec.kind == "classifier" and spec.num_classes != len(data.classes):
+        raise CheckpointError(f"{source}: the classifier has {spec.num_classes} classes; expected {len(data.classes)} for this dataset")
 
 
 def evaluate_classifier(model: nn.Module, data: ImageDataset, rt: Runtime, image_size: int, batch_size: int = 500,
@@ -185,7 +157,7 @@ def evaluate_classifier(model: nn.Module, data: ImageDataset, rt: Runtime, image
     return topk_accuracy(logits, labels)
 
 
-def stage_done(out_dir: Path) -> dict[str, Any] | None:
+def stage_done(out_dir: Path) -> ckpt.CheckpointMeta | None:
     """The final checkpoint's metadata if this stage already completed in ``out_dir``."""
     final = Path(out_dir) / "final.safetensors"
     if not final.exists():
@@ -194,7 +166,7 @@ def stage_done(out_dir: Path) -> dict[str, Any] | None:
         meta = ckpt.read_meta(final)
     except CheckpointError:
         return None
-    return meta if meta.get("complete") and "result" in meta else None
+    return meta if meta.complete and meta.result is not None else None
 
 
 def require(value: Any, option: str, stage: str) -> None:
@@ -270,8 +242,7 @@ def finish(out: Path, rt: Runtime, result: dict[str, Any]) -> None:
     """
     if rt.is_main:
         tensors, meta = ckpt.load_checkpoint(out / "final.safetensors")
-        meta["result"] = result
-        ckpt.save_checkpoint(out / "final", tensors, meta)
+        ckpt.save_checkpoint(out / "final", tensors, meta.replace(result=result))
     if rt.distributed:
         main_result = broadcast_object(result)  # on rank 0: ``result`` itself
         if not rt.is_main:
