@@ -55,7 +55,7 @@ try:
 except ImportError:  # a checkout without PYTHONPATH=src
     sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
-from simclrv2.models.resnet import build_resnet, set_activation_checkpointing  # noqa: E402
+from simclrv2.models.resnet import build_resnet, set_activation_checkpointing, sk_options  # noqa: E402
 
 GiB = 2**30
 MiB = 2**20
@@ -167,7 +167,7 @@ def run(models: list[str], image_size: int, modes: list[str], precisions: list[s
     for name in models:
         depth, width, sk = MODELS[name]
         torch.manual_seed(0)
-        model = build_resnet(depth, width, sk)
+        model = build_resnet(depth, width, **sk_options(sk))
         params = sum(p.numel() for p in model.parameters())
         for precision in precisions:
             for mode in modes:

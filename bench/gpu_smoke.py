@@ -38,7 +38,7 @@ Sections:
 * ``augment_cuda_vs_cpu``: PretrainAugment's views of one uint8 224 px batch on CUDA and on the
   CPU from the same CPU generator state (its parameters are drawn on the CPU) agree to float
   tolerance; on the CPU only the determinism half runs;
-* ``throughput``: images/s of OUR pretraining step (ContrastiveTask + engine.train_step: views
+* ``throughput``: images/s of OUR pretraining step (ContrastiveTask + engine.Trainer.step: views
   from uint8 images, LARS, probe) against the BARE step (forward + backward + SGD of the same
   network on a ready float batch), bench/run.py's harness, ResNet-50 224 px (CPU --quick: a
   tiny model), bf16 autocast, channels_last off/on, compile off/on (compile with channels_last).
@@ -123,7 +123,8 @@ class Context:
             from simclrv2 import checkpoint as ckpt
             from simclrv2.models import build_model, model_spec
 
-            common = dict(depth=18, width=self.width, sk=False, small_images=False, in_channels=3)
+            common = dict(depth=18, width=self.width, sk=False, small_images=False, in_channels=3,
+                          image_size=self.image_size)
             classes = [f"class{c}" for c in range(self.classes)]
             out = {}
             for name, spec in (("pretrained", model_spec("simclr", **common, num_classes=self.classes, probe_norm=True)),
@@ -133,8 +134,7 @@ class Context:
                 model = build_model(spec)
                 tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
                 ckpt.save_checkpoint(self.root / "start" / name / "final", tensors,
-                                     {"model": spec, "stage": name, "complete": True, "classes": classes,
-                                      "dataset": "imagefolder", "image_size": self.image_size})
+                                     ckpt.CheckpointMeta(name, spec, classes=classes, dataset="imagefolder", complete=True))
                 out[name] = self.root / "start" / name
             self._checkpoints = out
         return self._checkpoints
@@ -258,7 +258,7 @@ def _task(ctx: Context, cfg, images: torch.Tensor):
                       num_classes=len(classes), probe_norm=True)
     torch.manual_seed(0)
     model = to_device(build_model(spec), rt, cfg.channels_last)
-    return ContrastiveTask(model, cfg, data, rt), rt, ds
+    return ContrastiveTask(model, cfg, data, rt), rt, ds, spec
 
 
 def section_activation_checkpointing(ctx: Context) -> str:
@@ -271,7 +271,7 @@ def section_activation_checkpointing(ctx: Context) -> str:
     for on in (False, True):
         cfg = make_config("pretrain", out="unused", device=ctx.device, precision=ctx.precision, depth=50, width=0.125,
                           batch_size=16, activation_checkpointing=on, channels_last=ctx.cuda, sync_bn=False)
-        task, rt, _ = _task(ctx, cfg, images)
+        task, rt, _, _ = _task(ctx, cfg, images)
         opt = build_optimizer(task.model, cfg, task.lars_excluded)
         task.train()
         x, y = images.to(rt.device), torch.arange(16, device=rt.device) % ctx.classes
@@ -407,7 +407,7 @@ def section_throughput(ctx: Context) -> str:
     for channels_last, compile in variants:
         cfg = make_config("pretrain", out="unused", device=ctx.device, precision=ctx.precision, depth=depth, width=width,
                           batch_size=batch, channels_last=channels_last, compile=compile, sync_bn=False, workers=0)
-        task, rt, ds = _task(ctx, cfg, images)
+        task, rt, ds, spec = _task(ctx, cfg, images)
         bare_model = copy.deepcopy(task.model)
         if channels_last:
             bare_model = bare_model.to(memory_format=torch.channels_last)
@@ -426,7 +426,7 @@ def section_throughput(ctx: Context) -> str:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         bare = bench_run.bare_step(torch.compile(bare_net) if compile else bare_net, x)
-        ours = bench_run.our_step(task, cfg, rt, ds)
+        ours = bench_run.our_step(task, cfg, rt, ds, "pretrain", spec)
 
         def synced(fn):
             return lambda: (fn(), ctx.sync())

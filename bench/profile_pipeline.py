@@ -121,7 +121,8 @@ def instrument(clock: Clock) -> None:
     wrap(NTXentLoss, "forward", "loss (NT-Xent)")
     wrap(DistillationLoss, "forward", "loss (distillation)")
     wrap(pretrain.ContrastiveTask, "loss", PRETRAIN_REST)
-    wrap(classify.ClassificationTask, "loss", CLASSIFY_REST)
+    wrap(classify.SupervisedTask, "loss", CLASSIFY_REST)  # fine-tuning, the baseline and linear evaluation
+    wrap(classify.DistillTask, "loss", CLASSIFY_REST)
     wrap(pretrain.ContrastiveTask, "after_step", "EMA + queue update")
     engine.BatchStream.epoch = clock.timed_generator("next batch", engine.BatchStream.epoch)
     wrap(checkpoint, "save_checkpoint", "checkpoints")
@@ -133,7 +134,7 @@ def instrument(clock: Clock) -> None:
     for mod in (pretrain, classify):
         wrap(mod, "prepare_data", "data preparation", opaque=True)
         wrap(mod, "fit", "training loop")
-    wrap(classify, "load_model", "checkpoints")
+    wrap(classify, "load_model", "checkpoints")  # the name classify imported from simclrv2.checkpoint
 
 
 def profile_stage(clock: Clock, fn) -> dict:

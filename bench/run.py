@@ -10,10 +10,10 @@ Sections, each in its own subprocess (so that its peak resident memory is its ow
 * ``augment``: pretraining views per second at 28 px / 1 ch, 32 px / 3 ch and 224 px / 3 ch
   (``bench/augment_bench.py``, own ops only);
 * ``pretrain``, ``pretrain_memory``, ``finetune``, ``distill``: OUR step -- the real task of the
-  stage (``ContrastiveTask`` / ``ClassificationTask``) and ``engine.train_step``, i.e. exactly
-  what ``engine.fit`` runs per step: next batch of the epoch's order, views from the uint8
-  images, forward, loss, backward, LARS (or the stage's optimiser) at the scheduled lr,
-  ``after_step`` (EMA + queue) -- against the BARE step: forward + backward + plain
+  stage (``ContrastiveTask`` / ``SupervisedTask`` / ``DistillTask``) and ``engine.Trainer.step``,
+  i.e. exactly what the stages' training loop runs per step: next batch of the epoch's order, views
+  from the uint8 images, forward, loss, backward, LARS (or the stage's optimiser) at the scheduled
+  lr, ``after_step`` (EMA + queue), the loss bookkeeping -- against the BARE step: forward + backward + plain
   ``torch.optim.SGD`` of a copy of the same network on a ready-made float batch of the same
   shape, loss = mean of the outputs squared (+ a no-grad forward of an EMA copy with the memory
   queue, of the teacher for distillation). The cpu-demo preset's model and batch sizes
@@ -35,6 +35,7 @@ threads waiting for a descheduled peer at every parallel op, which inflates many
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -57,12 +58,18 @@ except ImportError:  # a checkout without PYTHONPATH=src
     sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
 from simclrv2.config import load_preset, make_config  # noqa: E402
-from simclrv2.engine import BatchStream, build_optimizer, step_generator, train_step  # noqa: E402
+from simclrv2.checkpoint import CheckpointMeta  # noqa: E402
+from simclrv2.engine import BatchStream, Trainer  # noqa: E402
 from simclrv2.models import build_model, model_spec  # noqa: E402
-from simclrv2.optim import WarmupCosine, scale_lr  # noqa: E402
 from simclrv2.runtime import init_runtime  # noqa: E402
 
 SECTIONS = ["augment", "pretrain", "pretrain_memory", "finetune", "distill", "imagefolder"]
+# the model math on the CPU (issue 18), minutes each: not in the default run, ask with --section
+KERNEL_SECTIONS = {  # name: (depth, width, image px, batch, synthetic images)
+    "kernel_r18": (18, 1.0, 32, 256, 1024),  # the official TF2 comparison's configuration
+    "kernel_r50": (50, 1.0, 96, 32, 256),
+}
+KERNEL_VARIANTS = ["fp32", "bf16", "fp32+cl", "bf16+cl"]  # precision (+ channels_last)
 PRESET = "cpu-demo"
 MEMORY_SIZE = 4096
 THREADS = 2  # torch intra-op threads (--threads)
@@ -143,45 +150,43 @@ def setup(stage: str, **options):
     return cfg, rt, prepare_data(cfg)
 
 
-def our_step(task, cfg, rt, dataset):
-    """A closure running one step of ``engine.fit``: the next batch of the epoch's order,
-    ``train_step`` at the scheduled learning rate (a run of 1000 steps), the loss bookkeeping."""
-    stream = BatchStream(dataset, cfg.batch_size, cfg.seed, rt, cfg.workers)
-    opt = build_optimizer(task.model, cfg, task.lars_excluded)
-    total = 1000
-    schedule = WarmupCosine(scale_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling), total, int(round(cfg.warmup_fraction * total)))
-    state = {"step": 0, "batches": iter(()), "sums": None}
+def our_step(task, cfg, rt, dataset, stage, spec):
+    """A closure running one step of the stages' loop: ``Trainer.step`` on the next batch of
+    the epoch's order (the stage's schedule, its optimiser, the loss bookkeeping); from step 0
+    again after the run's last step. Nothing is written (``Trainer.resume`` / ``log`` are not called)."""
+    trainer = Trainer(task, cfg, rt, dataset, "unused", CheckpointMeta(stage, spec))
+    state = {"batches": trainer.batches()}
     task.train()
 
     def step():
         batch = next(state["batches"], None)
         if batch is None:
-            state["batches"] = stream.epoch(state["step"] // stream.steps_per_epoch)
+            trainer.step_count = 0
+            state["batches"] = trainer.batches()
             batch = next(state["batches"])
-        images, labels = batch
-        s = state["step"]
-        loss, parts = train_step(task, opt, rt, images, labels, schedule(s), step_generator(cfg.seed, s, rt.device))
-        values = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())])
-        state["sums"] = values if state["sums"] is None else state["sums"] + values
-        state["step"] = s + 1
+        trainer.step(*batch)
 
     return step
 
 
-def bare_step(model, x, extra=None):
+def bare_step(model, x, extra=None, rt=None):
     """Forward + backward + SGD of ``model`` on the float batch ``x`` (loss: mean of the outputs
-    squared), after a no-grad forward of ``extra`` (an EMA copy, a teacher) when given."""
+    squared), after a no-grad forward of ``extra`` (an EMA copy, a teacher) when given; under
+    ``rt``'s autocast when given (bf16), as our step."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     model.train()
+    autocast = rt.autocast if rt is not None else contextlib.nullcontext
 
     def step():
         if extra is not None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 extra(x)
-        out = model(x)
-        out = out[1] if isinstance(out, tuple) else out  # SimCLRModel: (h, z)
+        with autocast():
+            out = model(x)
+            out = out[1] if isinstance(out, tuple) else out  # SimCLRModel: (h, z)
+            loss = out.float().pow(2).mean()
         opt.zero_grad(set_to_none=True)
-        out.pow(2).mean().backward()
+        loss.backward()
         opt.step()
 
     return step
@@ -202,14 +207,14 @@ def section_pretrain(quick: bool, memory_size: int = 0) -> dict:
     x = torch.rand(2 * b, data.channels, s, s)  # both views
     ema = copy.deepcopy(bare_model).requires_grad_(False) if memory_size else None
     if memory_size:  # a full queue, as after the first memory_size / 2B steps
-        task._enqueue(torch.nn.functional.normalize(torch.randn(memory_size, cfg.proj_dim), dim=1))
-    out = compare(our_step(task, cfg, rt, data.all_images()), bare_step(bare_model, x, ema), b, quick)
+        task.memory.enqueue(torch.nn.functional.normalize(torch.randn(memory_size, cfg.proj_dim), dim=1))
+    out = compare(our_step(task, cfg, rt, data.all_images(), "pretrain", spec), bare_step(bare_model, x, ema), b, quick)
     out.update(model=f"ResNet-{cfg.depth} x{cfg.width}, {s} px, {data.channels} ch", memory_size=memory_size,
                optimizer=cfg.optimizer)
     return out
 
 
-def _classifier_spec(m: dict, data, head_layers: int, head_layer: int) -> dict:
+def _classifier_spec(m: dict, data, head_layers: int, head_layer: int):
     return model_spec("classifier", depth=m["depth"], width=m["width"], sk=m["sk"], small_images=data.small_images,
                       in_channels=data.channels, head_layers=head_layers, num_classes=len(data.classes),
                       head_layer=head_layer)
@@ -219,27 +224,68 @@ def section_classify(quick: bool, stage: str) -> dict:
     """fine-tune: a classifier from head layer 1 on the labeled subset; distill: a same-size
     student on all images against a fixed teacher (the fine-tuned classifier)."""
     from simclrv2.losses import DistillationLoss
-    from simclrv2.stages.classify import ClassificationTask
+    from simclrv2.stages.classify import DistillTask, SupervisedTask
     from simclrv2.stages.common import to_device
 
     options = {"pretrained": "unused"} if stage == "finetune" else {"teacher": "unused"}
     cfg, rt, data = setup(stage, **options)
     m = load_preset(PRESET)["model"]
-    finetuned = build_model(_classifier_spec(m, data, head_layers=3, head_layer=1))
+    spec = _classifier_spec(m, data, head_layers=3, head_layer=1)
+    finetuned = build_model(spec)
     if stage == "finetune":
         model, kw, dataset, extra = finetuned, {}, data.labeled, None
     else:  # self-distillation: a student of the teacher's size, tau 0.1
-        model = build_model(_classifier_spec(m, data, head_layers=0, head_layer=0))
+        spec = _classifier_spec(m, data, head_layers=0, head_layer=0)
+        model = build_model(spec)
         teacher = to_device(finetuned, rt, cfg.channels_last)
         kw = {"teacher": teacher, "distill": DistillationLoss(cfg.temperature or 0.1, cfg.alpha)}
         dataset, extra = data.all_images(), teacher
     model = to_device(model, rt, cfg.channels_last)
     bare_model = copy.deepcopy(model)
-    task = ClassificationTask(model, cfg, data.image_size, rt, **kw)  # puts the teacher in eval mode
+    task = (DistillTask if kw else SupervisedTask)(model, cfg, data.image_size, rt, **kw)  # puts the teacher in eval mode
     b, s = cfg.batch_size, data.image_size
     x = torch.rand(b, data.channels, s, s)
-    out = compare(our_step(task, cfg, rt, dataset), bare_step(bare_model, x, extra), b, quick)
+    out = compare(our_step(task, cfg, rt, dataset, stage, spec), bare_step(bare_model, x, extra), b, quick)
     out.update(model=f"ResNet-{m['depth']} x{m['width']}, {s} px, {data.channels} ch", optimizer=cfg.optimizer)
+    return out
+
+
+def kernel_setup(name: str, variant: str, seed: int = 0):
+    """(our step, bare step) of a kernel section: the real
+    ``ContrastiveTask`` (views from uint8, 3-layer head, NT-Xent + online probe, LARS) of a
+    ResNet on random 3-channel uint8 images, at ``variant``'s precision / memory format."""
+    from simclrv2.data import TensorImageDataset
+    from simclrv2.stages.common import Data, to_device
+    from simclrv2.stages.pretrain import ContrastiveTask
+
+    depth, width, px, batch, n = KERNEL_SECTIONS[name]
+    precision, channels_last = variant.split("+")[0], variant.endswith("+cl")
+    cfg = make_config("pretrain", load_preset(PRESET), out="unused", device="cpu", precision=precision,
+                      depth=depth, width=width, batch_size=batch, channels_last=channels_last)
+    rt = init_runtime("cpu", precision)
+    g = torch.Generator().manual_seed(seed)
+    ds = TensorImageDataset(torch.randint(0, 256, (n, 3, px, px), dtype=torch.uint8, generator=g),
+                            torch.randint(0, 10, (n,), generator=g).numpy(), [str(c) for c in range(10)])
+    data = Data(ds, ds, ds, ds, px, 3, list(ds.classes))
+    torch.manual_seed(seed)
+    spec = model_spec("simclr", depth=depth, width=width, sk=False, small_images=px <= 32, in_channels=3,
+                      head_layers=cfg.head_layers, proj_dim=cfg.proj_dim, num_classes=10, probe_norm=True)
+    model = to_device(build_model(spec), rt, channels_last)
+    bare_model = copy.deepcopy(model)
+    task = ContrastiveTask(model, cfg, data, rt)
+    x = torch.rand(2 * batch, 3, px, px)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return our_step(task, cfg, rt, ds, "pretrain", spec), bare_step(bare_model, x, rt=rt)
+
+
+def section_kernel(quick: bool, name: str) -> dict:
+    """Our full pretraining step against the bare step of the same network, per variant
+    (precision, channels_last): the model math (bare) apart from our overhead (ours / bare)."""
+    depth, width, px, batch, _ = KERNEL_SECTIONS[name]
+    out = {"model": f"ResNet-{depth} x{width}, {px} px, 3 ch, batch {batch}"}
+    for variant in KERNEL_VARIANTS:
+        out[variant] = compare(*kernel_setup(name, variant), batch, quick)
     return out
 
 
@@ -317,8 +363,10 @@ def run_section(name: str, quick: bool, threads: int = THREADS) -> dict:
         out = section_classify(quick, name)
     elif name == "imagefolder":
         out = section_imagefolder(quick)
+    elif name in KERNEL_SECTIONS:
+        out = section_kernel(quick, name)
     else:
-        raise SystemExit(f"unknown section {name!r}; expected one of {', '.join(SECTIONS)}")
+        raise SystemExit(f"unknown section {name!r}; expected one of {', '.join(SECTIONS + list(KERNEL_SECTIONS))}")
     return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "result": out}
 
 
@@ -340,6 +388,10 @@ def summarise(sections: dict) -> dict:
             key = "pretrain_memory_vs_bare" if name == "pretrain_memory" else f"{name}_step_vs_bare"
             out[key] = round(r[name]["vs_bare"], 3)
             out[f"{name}_images_per_s"] = round(r[name]["ours_images_per_s"], 1)
+    for name in KERNEL_SECTIONS:
+        for variant in KERNEL_VARIANTS if name in r else ():
+            out[f"{name}_{variant}_vs_bare"] = round(r[name][variant]["vs_bare"], 3)
+            out[f"{name}_{variant}_images_per_s"] = round(r[name][variant]["ours_images_per_s"], 1)
     for cfg_name, a in r.get("augment", {}).items():
         out[f"augment_{cfg_name}_images_per_s"] = round(a["own_images_per_s"])
     if "imagefolder" in r:
@@ -362,6 +414,12 @@ def print_table(report: dict) -> None:
         if name in r:
             x = r[name]
             print(f"| {name} (batch {x['batch']}, {x['reps']} reps) | {x['ours_images_per_s']:,.1f} | "
+                  f"{x['bare_images_per_s']:,.1f} | {x['vs_bare']:.3f} ({x['vs_bare_rounds']:.3f}, {x['vs_bare_best']:.3f}) | "
+                  f"{report['sections'][name]['peak_rss_mb']:,.0f} |")
+    for name in KERNEL_SECTIONS:
+        for variant in KERNEL_VARIANTS if name in r else ():
+            x = r[name][variant]
+            print(f"| {name} {variant} ({r[name]['model']}, {x['reps']} reps) | {x['ours_images_per_s']:,.1f} | "
                   f"{x['bare_images_per_s']:,.1f} | {x['vs_bare']:.3f} ({x['vs_bare_rounds']:.3f}, {x['vs_bare_best']:.3f}) | "
                   f"{report['sections'][name]['peak_rss_mb']:,.0f} |")
     for cfg_name, a in r.get("augment", {}).items():
@@ -392,8 +450,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (under 2 minutes)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch intra-op threads (default {THREADS})")
-    parser.add_argument("--section", action="append", choices=SECTIONS, help="only this section (repeatable)")
-    parser.add_argument("--worker", choices=SECTIONS, help=argparse.SUPPRESS)  # one section, in this process
+    parser.add_argument("--section", action="append", choices=SECTIONS + list(KERNEL_SECTIONS),
+                        help="only this section (repeatable); the kernel_* sections (minutes each) run only when named")
+    parser.add_argument("--worker", choices=SECTIONS + list(KERNEL_SECTIONS), help=argparse.SUPPRESS)  # one section, in this process
     parser.add_argument("--profile-demo", action="store_true",
                         help="profile a short cpu-demo pretrain + finetune: where the wall time goes")
     args = parser.parse_args(argv)

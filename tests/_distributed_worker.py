@@ -44,8 +44,8 @@ def make_start_checkpoints(start: Path) -> None:
         torch.manual_seed(1)
         model = build_model(spec)
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        ckpt.save_checkpoint(start / name / "final", tensors, {"model": spec, "stage": name, "complete": True,
-                                                                "classes": [str(i) for i in range(10)]})
+        ckpt.save_checkpoint(start / name / "final", tensors,
+                             ckpt.CheckpointMeta(name, spec, classes=[str(i) for i in range(10)], complete=True))
 
 
 def stage_configs(out: Path, start: Path) -> list[tuple[str, str, dict]]:
@@ -85,26 +85,21 @@ class _Stop(Exception):
 
 def interrupted_then_resumed(out: Path, start: Path) -> None:
     from simclrv2.config import make_config
+    from simclrv2.engine import step_hook
     from simclrv2.stages import pretrain
-    from simclrv2.stages.pretrain import ContrastiveTask
 
     options = dict(stage_configs(out, start)[1][2], out=str(out / "pretrain_resumed"), checkpoint_every=2)
-    original, steps = ContrastiveTask.after_step, []
 
-    def after_step(self):
-        original(self)
-        steps.append(1)
-        if len(steps) == 3:  # after the 3rd step's update, before its checkpoint: killed
+    def stop(trainer):
+        if trainer.step_count == 3:  # after the 3rd step's update (EMA and queue too), before its checkpoint: killed
             raise _Stop
 
-    ContrastiveTask.after_step = after_step
     try:
-        pretrain(make_config("pretrain", **options))
+        with step_hook(stop):
+            pretrain(make_config("pretrain", **options))
         raise AssertionError("the run was not interrupted")
     except _Stop:
         pass
-    finally:
-        ContrastiveTask.after_step = original
     torch.distributed.barrier()
     # run again as a torchrun restart would (the same command, no --resume): rank 0 finds the interrupted run
     # in OUT and every rank continues it

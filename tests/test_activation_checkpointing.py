@@ -19,16 +19,16 @@ from torch import nn
 from simclrv2.errors import ConfigError
 from simclrv2.models import build_model, model_spec, set_activation_checkpointing
 from simclrv2.models import resnet as resnet_module
-from simclrv2.models.resnet import build_resnet
+from simclrv2.models.resnet import build_resnet, sk_options
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import activation_memory  # noqa: E402
 
 # the three stems (standard, SK's ResNet-D deep stem, small images) and both block kinds
 MODELS = {
-    "r18_small": dict(depth=18, width_multiplier=0.125, small_images=True),
+    "r18_small": dict(depth=18, width_multiplier=0.125, stem_type="small"),
     "r50": dict(depth=50, width_multiplier=0.125),
-    "r50_sk": dict(depth=50, width_multiplier=0.0625, selective_kernel=True),
+    "r50_sk": dict(depth=50, width_multiplier=0.0625, **sk_options(True)),
 }
 SIZE = {"r18_small": 16, "r50": 40, "r50_sk": 40}
 

@@ -50,3 +50,40 @@ def test_shipped_presets_and_valid_keys_pass():
                   "fractions": {0.1: {"finetune": {"epochs": 2}}}, "model": {"depth": 18}}, "test")
     with pytest.raises(ConfigError, match="'knn_kk'.*did you mean 'knn_k'"):
         check_preset({"knn_kk": 20}, "test")
+
+
+def test_presets_command_lists_each_preset_with_its_purpose(capsys):
+    from simclrv2.cli import main
+
+    assert main(["presets"]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.strip().splitlines())
+    assert set(lines) == {"cpu-demo", "cpu-full", "imagenet", "tiny"}
+    assert "tests and smoke checks only" in lines["tiny"] and "2 hours" in lines["cpu-full"]
+    assert all(text.strip().endswith(".") for text in lines.values())  # a whole sentence, not a cut-off line
+
+
+@pytest.mark.parametrize("preset_name", ["cpu-demo", "cpu-full", "tiny"])
+def test_a_stage_run_alone_with_a_preset_does_what_the_pipeline_does(preset_name, tmp_path):
+    """Head layer, student initialisation, per-fraction epochs and batch sizes: the pipeline's config of
+    each stage equals the stage's own config from ``--preset P`` with the same inputs."""
+    from dataclasses import asdict
+
+    from simclrv2.config import load_preset, make_config
+    from simclrv2.pipeline import plan
+
+    preset = load_preset(preset_name)
+    fractions = preset["label_fractions"]
+    graph = plan(preset, fractions, tmp_path)
+    checked = set()
+    for node in graph:
+        if node.out.name in ("distill_small",) or node.out.name.startswith("finetune_head"):
+            continue  # variants only the pipeline builds (its second head layer, the small student)
+        inputs = {k: getattr(node.config, k) for k in ("pretrained", "teacher") if getattr(node.config, k, None)}
+        alone = make_config(node.stage, preset, out=node.config.out, label_fraction=node.config.label_fraction, **inputs)
+        assert asdict(alone) == asdict(node.config), (node.stage, node.out)
+        checked.add(node.stage)
+    assert checked == {"pretrain", "supervised", "linear_eval", "finetune", "distill"}
+    if preset_name == "cpu-full":  # the cases that differed: per-fraction section, head layer 0, student = teacher
+        ft = make_config("finetune", preset, out="x", pretrained="p", label_fraction=0.1)
+        assert ft.head_layer == 0 and ft.epochs == 40 and ft.batch_size == 128
+        assert make_config("distill", preset, out="x", teacher="t", label_fraction=0.01).init_from == "t"

@@ -35,6 +35,8 @@ import torch
 import _distributed_worker as worker
 from simclrv2 import checkpoint as ckpt
 
+pytestmark = pytest.mark.slow  # multi-process end-to-end: deselect with -m 'not slow'
+
 RTOL = 1e-5  # losses, parameters, BN statistics
 # momenta are gradients, which fp32 gets to ~1e-5 only (measured against fp64: one process and
 # two alike); the queue holds network outputs (EMA keys), which amplify parameter differences
@@ -107,9 +109,9 @@ def test_two_processes_equal_one_process_on_the_global_batch(runs, name):
     _compare_checkpoints(two / "last.safetensors", one / "last.safetensors")  # + optimiser momenta, EMA and queue
     # rank 0 alone evaluated and wrote the result; every process returned it
     meta = ckpt.read_meta(two / "final.safetensors")
-    assert meta["result"]["stage"] == name.split("_")[0] and meta["config"]["batch_size"] == 32
+    assert meta.result["stage"] == name.split("_")[0] and meta.config["batch_size"] == 32
     for rank in (0, 1):
-        assert json.loads((two / f"returned.{rank}.json").read_text()) == meta["result"]
+        assert json.loads((two / f"returned.{rank}.json").read_text()) == meta.result
     assert (two / "labeled_subset.txt").read_text() == (one / "labeled_subset.txt").read_text()
 
 
@@ -121,3 +123,20 @@ def test_two_processes_resume_like_an_uninterrupted_run(runs):
     assert rows[-1]["loss"] == pytest.approx(_rows(reference / "metrics.jsonl")[-1]["loss"], rel=RTOL)
     _compare_checkpoints(resumed / "final.safetensors", reference / "final.safetensors")
     _compare_checkpoints(resumed / "last.safetensors", reference / "last.safetensors")
+
+
+def test_rank_questions_before_and_without_a_process_group(monkeypatch):
+    """Before the process group is joined (the pipeline's first files), torchrun's RANK decides
+    which process is the main one; a plain start is rank 0 of 1."""
+    from simclrv2 import distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.launch_env() == (0, 1, 0, False) and distributed.is_main_process()
+    assert distributed.world() == (0, 1)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.launch_env() == (1, 2, 1, True) and not distributed.is_main_process()
+    assert distributed.world() == (0, 1)  # collectives: no group joined, this process alone
+

@@ -7,7 +7,7 @@ import torch
 
 from simclrv2.export import export_onnx
 from simclrv2.models.head import Classifier, ProjectionHead
-from simclrv2.models.resnet import build_resnet
+from simclrv2.models.resnet import build_resnet, sk_options
 
 import onnx  # noqa: E402  (the test extra installs onnx and onnxruntime)
 import onnxruntime as ort  # noqa: E402
@@ -54,7 +54,7 @@ def _check(model, tmp_path, image_size, in_channels, name):
 
 
 def test_resnet18_classifier_from_head_layer_1(tmp_path):
-    enc = build_resnet(18, 0.25, small_images=True, in_channels=3)
+    enc = build_resnet(18, 0.25, stem_type="small", in_channels=3)
     model = Classifier(enc, 10, ProjectionHead(enc.out_dim, 3).truncated(1))
     assert model.head_layer == 1
     model = _randomize(model, 0).train()  # export works from (and does not change) train mode
@@ -62,6 +62,6 @@ def test_resnet18_classifier_from_head_layer_1(tmp_path):
 
 
 def test_sk_resnet50_classifier(tmp_path):
-    enc = build_resnet(50, 0.0625, selective_kernel=True)
+    enc = build_resnet(50, 0.0625, **sk_options(True))
     model = Classifier(enc, 7, ProjectionHead(enc.out_dim, 3).truncated(1))
     _check(_randomize(model, 1), tmp_path / "out", image_size=64, in_channels=3, name="sk50.onnx")

@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "gpu_smoke.py"
 
 
+@pytest.mark.slow
 def test_gpu_smoke_runs_every_section_on_the_cpu():
     env = dict(os.environ, PYTHONPATH=str(SCRIPT.parent.parent / "src"))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

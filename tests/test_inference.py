@@ -16,7 +16,7 @@ from simclrv2.data import load_dataset, subset
 from simclrv2.data.augment import EvalTransform
 from simclrv2.engine import predict as engine_predict
 from simclrv2.runtime import Runtime
-from simclrv2.stages.common import load_model
+from simclrv2.checkpoint import load_model
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tf_r50_tiny"
 TF1 = FIXTURES / "tf1_r50_w1-16_sk1" / "model.ckpt-8"
@@ -58,7 +58,7 @@ def _reference_outputs(ckpt_dir, data, fn=None):
     """Model outputs the way `simclrv2 evaluate` computes them (dataset tensors, EvalTransform, fp32)."""
     model, meta = load_model(ckpt_dir, "classifier")
     rt = Runtime(torch.device("cpu"), None)
-    out, labels = engine_predict(model, data, rt, EvalTransform(meta["image_size"]), 500, fn=fn)
+    out, labels = engine_predict(model, data, rt, EvalTransform(meta.image_size), 500, fn=fn)
     return out, meta
 
 
@@ -93,7 +93,7 @@ def test_predict_matches_evaluate_logic(classifier, tmp_path):
     assert list(rows[0]) == ["path", "class", "probability", "top5"] and len(rows) == N
     logits, meta = _reference_outputs(ckpt_dir, data)
     probs = logits.softmax(1)
-    classes = meta["classes"]
+    classes = meta.classes
     assert [r["path"] for r in rows] == files
     assert [r["class"] for r in rows] == [classes[i] for i in logits.argmax(1).tolist()]
     for r, p in zip(rows, probs):
@@ -131,7 +131,7 @@ def test_export_onnx_matches_onnxruntime(classifier, tmp_path):
     assert main(["-q", "export", str(ckpt_dir), "--onnx", str(path)]) == 0
     assert (tmp_path / "model.classes.txt").read_text().split() == [str(i) for i in range(10)]
     model, meta = load_model(ckpt_dir, "classifier")
-    x = torch.rand(7, 1, meta["image_size"], meta["image_size"], generator=torch.Generator().manual_seed(0))
+    x = torch.rand(7, 1, meta.image_size, meta.image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model.eval()(x).numpy()
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

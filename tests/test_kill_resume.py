@@ -25,6 +25,8 @@ import torch
 from simclrv2 import checkpoint as ckpt
 from test_reliability import metrics, run
 
+pytestmark = pytest.mark.slow  # multi-process end-to-end: deselect with -m 'not slow'
+
 COMMON = ["--dataset", "digits", "--depth", "18", "--width", "0.0625", "--precision", "fp32", "--epochs", "1",
           "--checkpoint-every", "1", "--log-every", "1", "--min-steps", "0"]
 CASES = {

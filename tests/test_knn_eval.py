@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from simclrv2.data import validation_indices
@@ -28,6 +29,7 @@ def brute_force_knn(tr, ytr, te, yte, k, temperature, c):
     return 100.0 * correct / len(yte)
 
 
+@pytest.mark.slow
 def test_knn_accuracy_matches_a_brute_force_loop():
     g = torch.Generator().manual_seed(0)
     c = 4

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from simclrv2.errors import ConfigError
-from simclrv2.models import Classifier, SimCLRModel, build_resnet
+from simclrv2.models import Classifier, SimCLRModel, build_resnet, sk_options
 from simclrv2.models.head import BatchNorm1dNoShift
 
 # docs/method.md §1 table: encoder parameters in millions, as printed (rounded to whole millions) in the paper.
@@ -18,7 +18,7 @@ PAPER_PARAMS = {
 def test_parameter_counts_match_paper(config):
     depth, width, sk = config
     with torch.device("meta"):
-        encoder = build_resnet(depth, width, selective_kernel=sk)
+        encoder = build_resnet(depth, width, **sk_options(sk))
     millions = sum(p.numel() for p in encoder.parameters()) / 1e6
     paper = PAPER_PARAMS[config]
     # 2%, or half a million where the paper's rounding to whole millions is coarser (R50: 23.5M printed as 24).
@@ -28,13 +28,13 @@ def test_parameter_counts_match_paper(config):
 
 @pytest.mark.parametrize("depth,expected", [(18, 512), (34, 512), (50, 2048)])
 def test_forward_shapes_and_fractional_width(depth, expected):
-    enc = build_resnet(depth, 0.25, small_images=True, in_channels=1)
+    enc = build_resnet(depth, 0.25, stem_type="small", in_channels=1)
     out = enc(torch.rand(2, 1, 16, 16))
     assert out.shape == (2, expected // 4) and enc.out_dim == expected // 4
 
 
 def test_sk_uses_resnet_d_stem_and_avgpool_shortcuts():
-    enc = build_resnet(50, 0.25, selective_kernel=True)
+    enc = build_resnet(50, 0.25, **sk_options(True))
     assert enc.conv1 is None and len([m for m in enc.stem if isinstance(m, torch.nn.Conv2d)]) == 3
     strides = [m.stride for m in enc.stem if isinstance(m, torch.nn.Conv2d)]
     assert strides == [(2, 2), (1, 1), (1, 1)]
@@ -53,13 +53,13 @@ def test_plain_resnet_stem_and_strided_shortcut():
 
 
 def test_small_image_stem_keeps_resolution():
-    enc = build_resnet(18, 0.25, small_images=True)
+    enc = build_resnet(18, 0.25, stem_type="small")
     assert enc.conv1.kernel_size == (3, 3) and enc.conv1.stride == (1, 1)
     assert isinstance(enc.maxpool, torch.nn.Identity)
 
 
 def test_last_bn_of_each_branch_is_zero_initialised():
-    enc = build_resnet(50, 0.25, selective_kernel=True)
+    enc = build_resnet(50, 0.25, **sk_options(True))
     for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4):
         for block in layer:
             assert torch.all(block.bn3.weight == 0)
@@ -78,7 +78,7 @@ def test_bad_depth_and_width_are_config_errors():
 
 
 def test_head_structure():
-    model = SimCLRModel(build_resnet(18, 0.25, small_images=True), head_layers=3)
+    model = SimCLRModel(build_resnet(18, 0.25, stem_type="small"), head_layers=3)
     d = model.encoder.out_dim
     layers = model.head.layers
     assert [(l.linear.in_features, l.linear.out_features) for l in layers] == [(d, d), (d, d), (d, 128)]
@@ -93,7 +93,7 @@ def test_head_structure():
 
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
 def test_finetune_model_keeps_exactly_k_head_layers(k):
-    model = SimCLRModel(build_resnet(18, 0.25, small_images=True), head_layers=3)
+    model = SimCLRModel(build_resnet(18, 0.25, stem_type="small"), head_layers=3)
     clf = Classifier.from_pretrained(model, num_classes=10, head_layer=k)
     assert clf.head_layer == k
     names = {n.split(".")[2] for n, _ in clf.named_parameters() if n.startswith("head.")}
@@ -110,6 +110,6 @@ def test_finetune_model_keeps_exactly_k_head_layers(k):
 
 
 def test_head_layer_out_of_range():
-    model = SimCLRModel(build_resnet(18, 0.25, small_images=True), head_layers=2)
+    model = SimCLRModel(build_resnet(18, 0.25, stem_type="small"), head_layers=2)
     with pytest.raises(ConfigError, match="head"):
         Classifier.from_pretrained(model, 10, head_layer=3)

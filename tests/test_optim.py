@@ -68,7 +68,7 @@ def test_lr_scaling_and_schedule():
 def test_classifier_is_excluded_like_the_official_head_supervised():
     from simclrv2.models import Classifier, build_resnet
 
-    model = Classifier(build_resnet(18, 0.0625, small_images=True), num_classes=3)
+    model = Classifier(build_resnet(18, 0.0625, stem_type="small"), num_classes=3)
     adapted, excluded = param_groups(model, weight_decay=1e-4)
     ids = {id(p) for p in excluded["params"]} if isinstance(excluded, dict) else set()
     assert id(model.fc.weight) in ids and id(model.fc.bias) in ids

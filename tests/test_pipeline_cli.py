@@ -17,6 +17,7 @@ def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "simclrv2", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow
 def test_pipeline_tiny_writes_report_and_reuses_stages(tmp_path):
     out = tmp_path / "run"
     assert main(["-q", "pipeline", "--preset", "tiny", "--out", str(out)]) == 0
@@ -59,18 +60,17 @@ def test_pipeline_tiny_writes_report_and_reuses_stages(tmp_path):
     # evaluation), last.* gone too: it is finished from final.*, not trained again from scratch
     pre = out / "pretrain"
     tensors, meta = ckpt.load_checkpoint(pre / "final.safetensors")
-    del meta["result"]
-    ckpt.save_checkpoint(pre / "final", tensors, meta)
+    ckpt.save_checkpoint(pre / "final", tensors, meta.replace(result=None))
     for name in ("last.safetensors", "last.json"):
         (pre / name).unlink()
     rows = (pre / "metrics.jsonl").read_text()
     assert main(["-q", "pipeline", "--preset", "tiny", "--out", str(out)]) == 0
     assert (pre / "metrics.jsonl").read_text() == rows  # a fresh start would have rewritten it
     finished, fmeta = ckpt.load_checkpoint(pre / "final.safetensors")
-    assert fmeta["result"]["knn"] == report["pretrain"]["knn_top1"]
+    assert fmeta.result["knn"] == report["pretrain"]["knn_top1"]
     assert all(torch.equal(finished[k], tensors[k]) for k in tensors)
     # its time is the training time of the run that did the work (plus this one's moment)
-    assert 0 < meta["train_seconds"] <= fmeta["train_seconds"] < meta["train_seconds"] + 60
+    assert 0 < meta.train_seconds <= fmeta.train_seconds < meta.train_seconds + 60
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -125,6 +125,7 @@ def test_parse_overrides():
         "pretrain": {"epochs": 5}, "seed": 1, "finetune": {"head_layer": 0}}
 
 
+@pytest.mark.slow
 def test_labels_per_class_overrides_the_default_fraction(tmp_path):
     from simclrv2.data import load_dataset
 
@@ -139,6 +140,7 @@ def test_labels_per_class_overrides_the_default_fraction(tmp_path):
     assert per_class == [4] * 10
 
 
+@pytest.mark.slow
 def test_pipeline_stages_run_apart_then_report(tmp_path):
     """--stages splits the recipe over processes sharing --out; the report appears once all are done."""
     out = tmp_path / "run"
@@ -161,3 +163,31 @@ def test_pipeline_stages_run_apart_then_report(tmp_path):
     # the supervised baseline trained first was reused, not trained again
     assert (out / "labels_0.1" / "supervised" / "final.safetensors").stat().st_mtime_ns == sup_mtime
     assert main(["pipeline", "--preset", "tiny", "--out", str(out), "--stages", "pretrian"]) == 2
+
+
+def test_python_api_logs_like_the_cli_unless_the_caller_configured_logging(tmp_path):
+    import logging
+
+    import simclrv2
+
+    logger = logging.getLogger("simclrv2")
+    saved = logger.level, list(logger.handlers)
+    try:
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        logger.setLevel(logging.NOTSET)
+        with pytest.raises(Exception):
+            simclrv2.evaluate(str(tmp_path / "missing"))
+        assert logger.level == logging.INFO and logger.handlers  # INFO lines and the progress bar, as the CLI
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        logger.setLevel(logging.WARNING)  # the caller's choice is kept
+        with pytest.raises(Exception):
+            simclrv2.evaluate(str(tmp_path / "missing"))
+        assert logger.level == logging.WARNING and not logger.handlers
+    finally:
+        logger.setLevel(saved[0])
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        for h in saved[1]:
+            logger.addHandler(h)

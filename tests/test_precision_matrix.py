@@ -25,7 +25,7 @@ from simclrv2 import cli
 from simclrv2.config import make_config
 from simclrv2.runtime import Runtime, bf16_supported, init_runtime
 from simclrv2.stages import distill, evaluate, finetune, linear_eval, pretrain, supervised
-from simclrv2.stages.common import load_model
+from simclrv2.checkpoint import load_model
 
 SIZE = 24  # blur kernel 2 * ((24 // 10) // 2) + 1 = 3 taps: the blur really filters
 MODEL = dict(depth=18, width=0.125)
@@ -78,8 +78,8 @@ def test_pretraining_steps(tmp_path, folder, precision, channels, blur):
                       knn_train_size=60, precision=precision, **MODEL, **COMMON, **_data(channels, folder))
     result = pretrain(cfg, _rt(precision))
     model, meta = load_model(tmp_path / "pre", "simclr")
-    assert meta["model"]["in_channels"] == channels
-    assert meta["precision"] == precision  # the precision the run used is recorded
+    assert meta.model.in_channels == channels
+    assert meta.precision == precision  # the precision the run used is recorded
     assert np.isfinite(result["final_loss"]) and result["knn"] is not None
     assert _finite_weights(tmp_path / "pre")
 
@@ -130,5 +130,5 @@ def test_rgb_pipeline_with_auto_precision(tmp_path, folder, capsys):
     report = json.loads((out / "report.json").read_text())
     expected = "bf16" if init_runtime("cpu", "auto").dtype == torch.bfloat16 else "fp32"
     _, meta = load_model(next(out.glob("**/pretrain")))
-    assert meta["precision"] == expected
+    assert meta.precision == expected
     assert report  # the report was written: every stage finished

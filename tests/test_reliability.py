@@ -28,6 +28,7 @@ from PIL import Image
 from simclrv2 import checkpoint as ckpt
 from simclrv2.data.image_check import cache_path
 from simclrv2.cli import main
+from simclrv2.engine import step_hook
 from simclrv2.errors import CheckpointError
 from simclrv2.models import build_model, model_spec
 
@@ -59,6 +60,18 @@ def run(*args: str) -> tuple[int, str]:
     text = err.getvalue()
     assert "Traceback" not in text, text
     return rc, text
+
+
+def interrupt_at(n: int):
+    """A step hook that interrupts (Ctrl-C) a run at its n-th step, after the update, before that step's checkpoint."""
+    calls = {"n": 0}
+
+    def hook(trainer):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+
+    return hook
 
 
 def error_line(rc: int, text: str, code: int = 2) -> str:
@@ -117,11 +130,12 @@ def _write_model(stem: Path, kind: str, num_classes: int | None = 10, in_channel
                  tensors_width: float | None = None, **meta) -> Path:
     """A checkpoint as the stages write it (optionally with tensors of another width than its spec says)."""
     spec = model_spec(kind, depth=18, width=width, sk=False, small_images=True, in_channels=in_channels,
-                      head_layers=3 if kind == "simclr" else 0, num_classes=num_classes)
-    real = dict(spec, width=tensors_width or width)
+                      head_layers=3 if kind == "simclr" else 0, num_classes=num_classes, image_size=16)
+    real = spec.replace(width=tensors_width or width)
     tensors = {f"model.{k}": v for k, v in build_model(real).state_dict().items()}
-    info = {"model": spec, "classes": [str(i) for i in range(num_classes or 10)], "dataset": "digits", "image_size": 16,
-            "stage": "supervised" if kind == "classifier" else "pretrain", "step": 1, "complete": True, **meta}
+    meta = {"stage": "supervised" if kind == "classifier" else "pretrain", **meta}
+    info = ckpt.CheckpointMeta(model=spec, classes=[str(i) for i in range(num_classes or 10)], dataset="digits", step=1,
+                               complete=True, **meta)
     ckpt.save_checkpoint(stem, tensors, info)
     return stem.with_suffix(".safetensors")
 
@@ -156,6 +170,12 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 # ------------------------------------------------------------------ atomic checkpoints
 
+def _meta(step: int) -> ckpt.CheckpointMeta:
+    """Metadata for checkpoints of arbitrary tensors (the writer does not look at them)."""
+    return ckpt.CheckpointMeta("pretrain", model_spec("simclr", depth=18, width=0.0625, sk=False, small_images=True,
+                                                      in_channels=1), step=step)
+
+
 def test_checkpoint_files_survive_sigkill_at_any_instant(tmp_path):
     """A writer killed at random instants: the checkpoint always loads whole, the .json lags by at
     most one write, and the stale temporary file it may leave is cleaned up."""
@@ -164,7 +184,7 @@ def test_checkpoint_files_survive_sigkill_at_any_instant(tmp_path):
     def tensors(step):  # numpy-made (no torch kernels run in the forked child)
         return {"w": torch.from_numpy(np.full((512, 512), step, np.float32)), "n": torch.tensor(step)}
 
-    ckpt.save_checkpoint(stem, tensors(0), {"step": 0})
+    ckpt.save_checkpoint(stem, tensors(0), _meta(0))
     rng = random.Random(6)
     for _ in range(5):
         start = ckpt.step_of(stem.with_suffix(".safetensors"))
@@ -174,14 +194,14 @@ def test_checkpoint_files_survive_sigkill_at_any_instant(tmp_path):
                 step = start
                 while True:
                     step += 1
-                    ckpt.save_checkpoint(stem, tensors(step), {"step": step})
+                    ckpt.save_checkpoint(stem, tensors(step), _meta(step))
             finally:
                 os._exit(0)
         time.sleep(rng.uniform(0.05, 0.4))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         t, meta = ckpt.load_checkpoint(stem.with_suffix(".safetensors"))
-        step = meta["step"]
+        step = meta.step
         assert step >= start and int(t["n"]) == step and bool((t["w"] == step).all())
         assert json.loads(stem.with_suffix(".json").read_text())["step"] in (step - 1, step)
     assert ckpt.step_of(stem.with_suffix(".safetensors")) > 0
@@ -191,21 +211,35 @@ def test_checkpoint_files_survive_sigkill_at_any_instant(tmp_path):
 
 def test_failed_write_keeps_previous_file_and_names_it(tmp_path, monkeypatch):
     stem = tmp_path / "final"
-    ckpt.save_checkpoint(stem, {"w": torch.ones(4)}, {"step": 1})
+    ckpt.save_checkpoint(stem, {"w": torch.ones(4)}, _meta(1))
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt.os, "fsync", full)
     with pytest.raises(OSError) as e:
-        ckpt.save_checkpoint(stem, {"w": torch.zeros(4)}, {"step": 2})
+        ckpt.save_checkpoint(stem, {"w": torch.zeros(4)}, _meta(2))
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(stem.with_suffix(".safetensors"))
     monkeypatch.undo()
     t, meta = ckpt.load_checkpoint(stem.with_suffix(".safetensors"))
-    assert meta["step"] == 1 and torch.equal(t["w"], torch.ones(4))
+    assert meta.step == 1 and torch.equal(t["w"], torch.ones(4))
     assert not list(tmp_path.glob(".*"))
     mode = stem.with_suffix(".safetensors").stat().st_mode & 0o777
     assert mode == 0o666 & ~ckpt._umask()  # not mkstemp's 0600
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_file(tmp_path):
+    """atomic_path (every file of ours, ONNX exports too): a failure inside the block keeps the old file."""
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="exporter broke"):
+        with ckpt.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half a")
+            raise RuntimeError("exporter broke")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    with ckpt.atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
 def test_disk_full_during_training_is_one_line_and_keeps_last_checkpoint(tmp_path, monkeypatch):
@@ -228,21 +262,10 @@ def test_disk_full_during_training_is_one_line_and_keeps_last_checkpoint(tmp_pat
     assert_outputs_whole(out)
 
 
-def test_json_beside_may_lag_resume_reads_the_safetensors_header(tmp_path, monkeypatch):
-    from simclrv2.stages import classify
-
+def test_json_beside_may_lag_resume_reads_the_safetensors_header(tmp_path):
     out = tmp_path / "run"
-    original, calls = classify.ClassificationTask.after_step, {"n": 0}
-
-    def interrupt(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        original(self)
-
-    monkeypatch.setattr(classify.ClassificationTask, "after_step", interrupt)
-    rc, text = run(*digits_args("supervised", out, "--checkpoint-every", "1"))
-    monkeypatch.undo()
+    with step_hook(interrupt_at(3)):
+        rc, text = run(*digits_args("supervised", out, "--checkpoint-every", "1"))
     assert rc == 130 and "run the same command again" in text and "step 2" in text, text
     # as if killed between the two renames: the .json still describes step 1
     meta = json.loads((out / "last.json").read_text())
@@ -337,14 +360,14 @@ def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     from simclrv2.stages import classify
 
     out = tmp_path / "run"
-    original, calls = classify.ClassificationTask.loss, {"n": 0}
+    original, calls = classify.SupervisedTask.loss, {"n": 0}
 
     def poisoned(self, images, labels, generator):
         calls["n"] += 1
         loss, parts = original(self, images, labels, generator)
         return (loss * float("nan") if calls["n"] == 5 else loss), parts
 
-    monkeypatch.setattr(classify.ClassificationTask, "loss", poisoned)
+    monkeypatch.setattr(classify.SupervisedTask, "loss", poisoned)
     line = error_line(*run(*digits_args("supervised", out, "--epochs", "3", "--checkpoint-every", "2")))
     assert "non-finite between steps 4 and 6" in line, line
     assert f"last good checkpoint {out / 'last.safetensors'} (step 4) is kept" in line and "--resume" in line
@@ -354,22 +377,17 @@ def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert max(r["step"] for r in rows) == 4
 
 
-def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
     """Weights can go non-finite while the step's loss (computed before the update) is finite."""
-    from simclrv2.stages import classify
-
     out = tmp_path / "run"
-    original, calls = classify.ClassificationTask.after_step, {"n": 0}
 
-    def corrupt(self):
-        original(self)
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def corrupt(trainer):
+        if trainer.step_count == 2:
             with torch.no_grad():
-                self.model.fc.weight[0, 0] = float("inf")
+                trainer.task.model.fc.weight[0, 0] = float("inf")
 
-    monkeypatch.setattr(classify.ClassificationTask, "after_step", corrupt)
-    line = error_line(*run(*digits_args("supervised", out, "--checkpoint-every", "1")))
+    with step_hook(corrupt):
+        line = error_line(*run(*digits_args("supervised", out, "--checkpoint-every", "1")))
     assert "model.fc.weight became non-finite by step 2" in line and "(step 1) is kept" in line, line
     assert ckpt.step_of(out / "last.safetensors") == 1
     assert_outputs_whole(out)
@@ -458,7 +476,14 @@ def test_mixed_modes_and_sizes_train(tmp_path):
     out = tmp_path / "out"
     rc, text = run(*folder_args(root, out))
     assert rc == 0, text
-    assert ckpt.read_meta(out / "final.safetensors")["result"]["top1"] >= 0
+    meta = ckpt.read_meta(out / "final.safetensors")
+    # every training image was read (16 labelled, 2 steps of 8) and the 4 validation images were evaluated
+    assert meta.result["labeled_images"] == 16 and meta.step == meta.total_steps == 2
+    assert meta.result["top1"] in (0.0, 25.0, 50.0, 75.0, 100.0)
+    from simclrv2.stages import evaluate
+
+    again = evaluate(str(out), data_dir=str(root), device="cpu", precision=meta.precision, workers=0)
+    assert again["images"] == 4 and again["top1"] == meta.result["top1"] and again["top5"] == 100.0  # 2 classes
 
 
 def test_subset_files_naming_missing_or_escaping_images(tmp_path):
@@ -516,12 +541,10 @@ def test_dataloader_worker_errors_are_one_line(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ (seed, step) determinism, DataLoader path
 
-def test_results_do_not_depend_on_workers_interruption_or_global_rng(tmp_path, monkeypatch):
+def test_results_do_not_depend_on_workers_interruption_or_global_rng(tmp_path):
     """Image folders are read by DataLoader workers: the weights after 2 epochs are the same decoded into
     memory once (the default for a small folder) and by 0 or 2 workers every epoch, and after an
     interruption + --resume with the global RNGs scrambled."""
-    from simclrv2.stages import classify
-
     root = make_folder(tmp_path / "data")
     args = lambda out, *x: folder_args(root, out, "--epochs", "2", "--checkpoint-every", "2", *x)  # noqa: E731
     assert run(*args(tmp_path / "w0"))[0] == 0
@@ -531,9 +554,9 @@ def test_results_do_not_depend_on_workers_interruption_or_global_rng(tmp_path, m
     assert_same(reference, weights(tmp_path / "w2" / "final.safetensors"))
     assert_same(reference, weights(tmp_path / "d0" / "final.safetensors"))
 
-    original, calls = classify.ClassificationTask.after_step, {"n": 0}
+    calls = {"n": 0}
 
-    def interrupt_and_scramble(self):
+    def interrupt_and_scramble(trainer):
         calls["n"] += 1
         torch.manual_seed(1000 + calls["n"])  # anything that used the global RNGs would now differ
         np.random.seed(calls["n"])
@@ -541,13 +564,12 @@ def test_results_do_not_depend_on_workers_interruption_or_global_rng(tmp_path, m
         torch.rand(7)
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        original(self)
 
-    monkeypatch.setattr(classify.ClassificationTask, "after_step", interrupt_and_scramble)
     out = tmp_path / "resumed"
-    rc, text = run(*args(out, "--workers", "2", "--image-cache-gb", "0"))
-    assert rc == 130 and "step 4" in text
-    assert run(*args(out, "--workers", "2", "--image-cache-gb", "0", "--resume"))[0] == 0
+    with step_hook(interrupt_and_scramble):
+        rc, text = run(*args(out, "--workers", "2", "--image-cache-gb", "0"))
+        assert rc == 130 and "step 4" in text
+        assert run(*args(out, "--workers", "2", "--image-cache-gb", "0", "--resume"))[0] == 0
     assert calls["n"] > 6
     assert_same(reference, weights(out / "final.safetensors"))
 
@@ -716,7 +738,7 @@ def _finished(d: Path) -> bool:
         meta = ckpt.read_meta(d / "final.safetensors")
     except CheckpointError:
         return False
-    return bool(meta.get("complete") and "result" in meta)
+    return meta.complete and meta.result is not None
 
 
 def soak(args: list[str], out: Path, rounds: int, rng: random.Random, plan: list[tuple[str, int]]) -> int:
@@ -765,12 +787,13 @@ def check_same_run(ref: Path, out: Path, what: str) -> None:
     rb = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rb] == [x["step"] for x in ra] == list(range(1, len(ra) + 1)), what
     assert [x["loss"] for x in rb] == [x["loss"] for x in ra], what
-    res_a = ckpt.read_meta(ref / "final.safetensors")["result"]
-    res_b = ckpt.read_meta(out / "final.safetensors")["result"]
+    res_a = ckpt.read_meta(ref / "final.safetensors").result
+    res_b = ckpt.read_meta(out / "final.safetensors").result
     assert {k: v for k, v in res_a.items() if k != "seconds"} == {k: v for k, v in res_b.items() if k != "seconds"}, what
     assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists(), what
 
 
+@pytest.mark.slow
 def test_soak_random_sigkill_and_rerun_every_stage(tmp_path):
     import threading
 
@@ -800,6 +823,7 @@ def test_soak_random_sigkill_and_rerun_every_stage(tmp_path):
     assert sum(kills.values()) >= len(cases) * (SOAK - 1) // 2  # most launches were interrupted, not finished first
 
 
+@pytest.mark.slow
 def test_soak_random_sigkill_and_rerun_the_pipeline(tmp_path):
     args = ["pipeline", "--preset", "tiny", "--set", "pretrain.epochs=1", "--set", "supervised.epochs=2",
             "--set", "finetune.epochs=2", "--set", "linear_eval.epochs=1", "--set", "distill.epochs=0.3",
@@ -811,7 +835,7 @@ def test_soak_random_sigkill_and_rerun_the_pipeline(tmp_path):
              "labels_0.1/distill_self", "labels_0.1/distill_small"]
     stage_dirs = sorted(str(p.parent.relative_to(ref)) for p in ref.rglob("final.safetensors"))
     assert stage_dirs == sorted(order)
-    plan = [(d, ckpt.read_meta(ref / d / "final.safetensors")["total_steps"]) for d in order]
+    plan = [(d, ckpt.read_meta(ref / d / "final.safetensors").total_steps) for d in order]
     out = tmp_path / "soaked"
     kills = soak(args, out, SOAK, random.Random(f"soak/pipeline/{SOAK}"), plan)
     a = json.loads((ref / "report.json").read_text())["results"]

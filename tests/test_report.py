@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from simclrv2.report import _curve_title, embed_2d, feature_map, pipeline_feature_map, write_report
+from simclrv2.feature_map import embed_2d, feature_map, pipeline_feature_map
+from simclrv2.report import _curve_title, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -17,17 +18,16 @@ def tiny_classifier(tmp_path_factory):
     """A digits classifier checkpoint (random weights: the map needs no training) and its metrics.jsonl."""
     import torch
 
-    from simclrv2.checkpoint import save_checkpoint
+    from simclrv2.checkpoint import CheckpointMeta, save_checkpoint
     from simclrv2.metrics import MetricsWriter
     from simclrv2.models import build_model, model_spec
 
     out = tmp_path_factory.mktemp("report") / "sup"
     torch.manual_seed(0)
     spec = model_spec("classifier", depth=18, width=0.0625, sk=False, small_images=True, in_channels=1,
-                      head_layers=0, num_classes=10, head_layer=0)
+                      head_layers=0, num_classes=10, head_layer=0, image_size=16)
     model = build_model(spec)
-    meta = {"model": spec, "classes": [str(i) for i in range(10)], "dataset": "digits", "image_size": 16,
-            "stage": "supervised", "complete": True}
+    meta = CheckpointMeta("supervised", spec, classes=[str(i) for i in range(10)], dataset="digits", complete=True)
     save_checkpoint(out / "final", {f"model.{k}": v for k, v in model.state_dict().items()}, meta)
     with MetricsWriter(out, tensorboard=False) as m:
         for step in range(1, 7):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simclrv2.models import build_resnet
+from simclrv2.models import build_resnet, sk_options
 from simclrv2.models.resnet import AvgPool2dFixedPadding, AvgPool2dSame, MaxPool2dSame, tf_same_padding
 
 
@@ -88,7 +88,7 @@ def test_strided_convs_equal_tf_fixed_padding(k, stride, size):
 @pytest.mark.parametrize("sk", [False, True])
 def test_stem_output_for_even_input_equals_explicitly_padded_reference(sk):
     torch.manual_seed(0)
-    enc = build_resnet(50, 0.0625, selective_kernel=sk).eval()
+    enc = build_resnet(50, 0.0625, **sk_options(sk)).eval()
     with torch.no_grad():
         for m in enc.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -118,7 +118,7 @@ def test_stem_output_for_even_input_equals_explicitly_padded_reference(sk):
 
 
 def test_sk_first_block_shortcut_pools_and_odd_sizes_run():
-    enc = build_resnet(50, 0.0625, selective_kernel=True).eval()
+    enc = build_resnet(50, 0.0625, **sk_options(True)).eval()
     assert isinstance(enc.layer1[0].downsample[0], AvgPool2dSame)
     assert isinstance(enc.layer2[0].downsample[0], AvgPool2dFixedPadding)
     for size in (50, 65):  # odd intermediate sizes: TF's fixed padding keeps the branches aligned

@@ -25,6 +25,8 @@ import _sharding_worker as worker
 from simclrv2.data import ImageFolderDataset, image_check
 from simclrv2.runtime import Runtime
 
+pytestmark = pytest.mark.slow  # multi-process end-to-end: deselect with -m 'not slow'
+
 BAD = ["train/b/b1.png", "train/c/c4.png"]
 
 

@@ -46,7 +46,9 @@ import pytest
 import torch
 
 from simclrv2.errors import CheckpointError, ConfigError
-from simclrv2.tf_import import TFCheckpoint, _read_table, build_model, convert, crc32c, import_tf, main, mask_crc
+from simclrv2.models import ModelSpec, build_model, sk_options
+from simclrv2.tf_bundle import _read_table, unmask_crc
+from simclrv2.tf_import import TFCheckpoint, convert, crc32c, import_tf, main
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("make_tf_fixture", ROOT / "tools" / "make_tf_fixture.py")
@@ -71,14 +73,6 @@ def _expected(var) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def _probe_supported() -> bool:
-    import inspect
-
-    from simclrv2.models.head import SimCLRModel
-
-    return "probe_classes" in inspect.signature(SimCLRModel.__init__).parameters
-
-
 # ------------------------------------------------------------------------------------------------
 # The format
 # ------------------------------------------------------------------------------------------------
@@ -95,7 +89,7 @@ def test_crc32c_vectors_and_both_implementations_agree():
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
         assert crc32c(data) == fx.crc32c(data)
         assert crc32c(data[n // 3:], crc32c(data[: n // 3])) == crc32c(data)
-    assert mask_crc(0x12345678) == fx.mask(0x12345678)
+    assert unmask_crc(fx.mask(0x12345678)) == 0x12345678
 
 
 def test_committed_fixtures_are_what_the_generator_writes(tmp_path):
@@ -179,18 +173,15 @@ def test_multi_block_index_with_restarts(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_converted(sd, config, variables, kind, head_layer=None):
+def _check_converted(sd, variables, kind, head_layer=None):
     """Each converted tensor equals the array written, in our layout, at the expected key."""
     expected = {}
     for v in variables:
         if v.torch_key is None:
             continue
         key = v.torch_key
-        if key.startswith("fc."):
-            if kind == "simclr":
-                if not _probe_supported():
-                    continue
-                key = "probe." + key[3:]
+        if key.startswith("fc.") and kind == "simclr":
+            key = "probe." + key[3:]
         if key.startswith("head.layers.") and kind == "classifier" and int(key.split(".")[2]) >= head_layer:
             continue
         expected[key] = _expected(v)
@@ -206,17 +197,15 @@ def _check_converted(sd, config, variables, kind, head_layer=None):
 def test_every_tensor_lands_in_place_and_the_model_runs(name, kind):
     variables = _vars(name)
     sk = fx.FIXTURES[name][1]["sk"]
-    sd, config = convert(fx.fixture_prefix(name), kind=None if kind == "simclr" else kind)
-    head_layer = 1 if kind == "classifier" else None
-    assert config["kind"] == kind and config["head_layer"] == head_layer
-    assert (config["depth"], config["width_multiplier"], config["selective_kernel"], config["head_layers"],
-            config["proj_dim"], config["small_images"]) == (50, 0.0625, sk, 3, 128, False)
-    assert config["num_classes"] == (10 if kind == "classifier" or _probe_supported() else None)
-    _check_converted(sd, config, variables, kind, head_layer)
+    sd, spec = convert(fx.fixture_prefix(name), kind=None if kind == "simclr" else kind)
+    head_layer = 1 if kind == "classifier" else 0
+    # the SK checkpoint: selective kernels, the ResNet-D stem and average-pool shortcuts; the other: none of them
+    expected = ModelSpec(kind, 50, 0.0625, 3, **sk_options(sk), head_layers=3, proj_dim=128, num_classes=10,
+                         head_layer=head_layer)
+    assert spec == expected
+    _check_converted(sd, variables, kind, head_layer)
 
-    spec = dict(kind=kind, depth=50, width=config["width_multiplier"], sk=sk, small_images=False, in_channels=3,
-                head_layers=3, proj_dim=128, num_classes=config["num_classes"], head_layer=head_layer or 0)
-    model = build_model(spec)
+    model = build_model(expected)
     model.load_state_dict(sd, strict=True)
     model.eval()
     with torch.no_grad():
@@ -237,21 +226,21 @@ def test_import_tf_writes_our_checkpoint(tmp_path):
     meta = import_tf(fx.fixture_prefix(name), out, kind="classifier")
     assert sorted(p.name for p in out.iterdir()) == ["final.json", "final.safetensors"]  # no temporary files
     on_disk = json.loads((out / "final.json").read_text())
-    assert on_disk == meta
-    assert meta["stage"] == "import-tf" and meta["kind"] == "classifier"
-    assert meta["config"] == dict(depth=50, width=0.0625, sk=True, head_layers=3, proj_dim=128, num_classes=10,
-                                  image_size=224, in_channels=3, small_images=False, head_layer=1)
-    md = meta["metadata"]
+    assert on_disk == meta.to_json()
+    assert meta.stage == "import-tf" and meta.complete and meta.config == {}  # options of a training run: none
+    assert meta.model == ModelSpec("classifier", 50, 0.0625, 3, **sk_options(True), head_layers=3, proj_dim=128,
+                                   num_classes=10, head_layer=1, image_size=224)
+    md = meta.imported
     assert md["layout"] == "tf1" and md["global_step"] == 8 and md["bookkeeping_ignored"] > 0
     assert md["unused_count"] == 9  # head layers 2 and 3 (kernel + 4 and 3 BN variables) are not used by the logits
     assert all(n.startswith(("head_contrastive/nl_1/", "head_contrastive/nl_2/")) for n in md["unused_variables"])
     tensors = load_file(str(out / "final.safetensors"))
     with safe_open(str(out / "final.safetensors"), framework="pt") as f:
-        assert json.loads(f.metadata()["simclrv2"]) == meta
+        assert json.loads(f.metadata()["simclrv2"]) == meta.to_json()
     sd, _ = convert(fx.fixture_prefix(name), kind="classifier")
     assert set(tensors) == {f"model.{k}" for k in sd}
     assert all(torch.equal(tensors[f"model.{k}"], v) for k, v in sd.items())
-    model = build_model(meta["model"])
+    model = build_model(meta.model)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()}, strict=True)
 
 
@@ -261,25 +250,24 @@ def test_import_tf_loads_with_the_project_checkpoint_module(tmp_path):
     for kind in ("simclr", "classifier"):
         import_tf(fx.fixture_prefix(FIXTURES[1]), tmp_path / kind, kind=kind)
         tensors, meta = ckpt.load_checkpoint(tmp_path / kind)
-        model = factory.build_model(meta["model"])
+        model = factory.build_model(meta.model)
         ckpt.load_state(model, ckpt.subdict(tensors, "model."), tmp_path / kind, "model")
 
 
 def test_inference_of_other_architectures(tmp_path):
     # TF1 ResNet-50 without SK or supervised head (a plain pretrained SimCLRv2 model).
     v1 = fx.write_network(tmp_path / "a" / "model.ckpt-1", "tf1", depth=50, width=1 / 16, sk=False, num_classes=None, seed=3)
-    sd, config = convert(tmp_path / "a" / "model.ckpt-1.index")  # the .index path works too
-    assert (config["depth"], config["selective_kernel"], config["kind"], config["num_classes"]) == (50, False, "simclr", None)
-    _check_converted(sd, config, v1, "simclr")
+    sd, spec = convert(tmp_path / "a" / "model.ckpt-1.index")  # the .index path works too
+    assert (spec.depth, spec.selective_kernel, spec.stem_type, spec.kind, spec.num_classes) == (50, False, "default", "simclr", None)
+    _check_converted(sd, v1, "simclr")
     # TF2 ResNet-101 with SK and a 2-layer head, imported through its directory.
     v2 = fx.write_network(tmp_path / "b" / "ckpt-5", "tf2", depth=101, width=1 / 16, sk=True, head_layers=2,
                           proj_dim=64, num_classes=3, seed=4)
-    sd, config = convert(tmp_path / "b", kind="classifier")
-    assert (config["depth"], config["selective_kernel"], config["head_layers"], config["proj_dim"]) == (101, True, 2, 64)
-    assert config["head_layer"] == 1 and config["num_classes"] == 3
-    _check_converted(sd, config, v2, "classifier", head_layer=1)
-    build_model(dict(kind="classifier", depth=101, width=0.0625, sk=True, small_images=False, in_channels=3,
-                     head_layers=2, proj_dim=64, num_classes=3, head_layer=1)).load_state_dict(sd, strict=True)
+    sd, spec = convert(tmp_path / "b", kind="classifier")
+    assert spec == ModelSpec("classifier", 101, 0.0625, 3, **sk_options(True), head_layers=2, proj_dim=64, num_classes=3,
+                             head_layer=1)
+    _check_converted(sd, v2, "classifier", head_layer=1)
+    build_model(spec).load_state_dict(sd, strict=True)
     with pytest.raises(CheckpointError, match="takes 128 inputs but head layer 2 has 64"):
         convert(tmp_path / "b", kind="classifier", head_layer=2)
 
@@ -307,10 +295,10 @@ def test_path_hints_choose_kind_and_head_layer(tmp_path):
     for hint, (kind, layer) in cases.items():
         dst = tmp_path / hint / "r50_1x_sk1"
         shutil.copytree(src.parent, dst)
-        _, config = convert(dst / src.name)
-        assert (config["kind"], config["head_layer"]) == (kind, layer), hint
-    _, config = convert(src, kind="classifier", head_layer=3)  # at width 1/16 the projection is also 128-d
-    assert config["head_layer"] == 3
+        _, spec = convert(dst / src.name)
+        assert (spec.kind, spec.head_layer if spec.kind == "classifier" else None) == (kind, layer), hint
+    _, spec = convert(src, kind="classifier", head_layer=3)  # at width 1/16 the projection is also 128-d
+    assert spec.head_layer == 3
     with pytest.raises(ConfigError, match="head_layer 4"):
         convert(src, kind="classifier", head_layer=4)
     with pytest.raises(ConfigError, match="classifier"):

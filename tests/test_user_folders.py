@@ -119,7 +119,7 @@ def test_bit_depth_and_gray_are_decided_from_the_images(tmp_path):
                        "--out", str(tmp_path / "sup"), cwd=tmp_path)
     assert rc == 0, err
     meta = ckpt.read_meta(tmp_path / "sup" / "final.safetensors")
-    assert meta["model"]["in_channels"] == 1 and meta["bit_depth"] == 12 and meta["image_size"] == 32
+    assert meta.model.in_channels == 1 and meta.bit_depth == 12 and meta.image_size == 32
     assert "1 channel, 32 px views, 12-bit images scaled by 4095" in err
     assert "no test images" in err and "top1" not in json.loads(out)
     Image.fromarray(np.dstack([ramp.astype(np.uint8)] * 2 + [np.zeros_like(ramp, np.uint8)])).save(
@@ -128,7 +128,7 @@ def test_bit_depth_and_gray_are_decided_from_the_images(tmp_path):
                        "--epochs", "1", "--min-steps", "1", "--batch-size", "4", "--precision", "fp32",
                        "--out", str(tmp_path / "sup3"), cwd=tmp_path)
     assert rc == 0, err
-    assert ckpt.read_meta(tmp_path / "sup3" / "final.safetensors")["model"]["in_channels"] == 3
+    assert ckpt.read_meta(tmp_path / "sup3" / "final.safetensors").model.in_channels == 3
 
 
 # ------------------------------------------------------------------ views from the whole image
@@ -228,15 +228,15 @@ def test_stem_option_is_recorded_in_the_model(tmp_path):
     rc, _, err = run("pretrain", *opts, *model, "--epochs", "1", "--knn-every", "0", "--stem", "imagenet",
                      "--out", str(tmp_path / "pre"))
     assert rc == 0, err
-    spec = ckpt.read_meta(tmp_path / "pre" / "final.safetensors")["model"]
-    assert spec["small_images"] is False  # 16 px digits would get the small stem by default
+    spec = ckpt.read_meta(tmp_path / "pre" / "final.safetensors").model
+    assert spec.stem_type == "default"  # 16 px digits would get the small stem by default
     rc, _, err = run("finetune", *opts, "--epochs", "1", "--min-steps", "2", "--pretrained", str(tmp_path / "pre"),
                      "--out", str(tmp_path / "ft"))
     assert rc == 0, err
-    assert ckpt.read_meta(tmp_path / "ft" / "final.safetensors")["model"]["small_images"] is False
+    assert ckpt.read_meta(tmp_path / "ft" / "final.safetensors").model.stem_type == "default"
     rc, _, err = run("supervised", *opts, *model, "--epochs", "1", "--min-steps", "2", "--out", str(tmp_path / "sup"))
     assert rc == 0, err
-    assert ckpt.read_meta(tmp_path / "sup" / "final.safetensors")["model"]["small_images"] is True
+    assert ckpt.read_meta(tmp_path / "sup" / "final.safetensors").model.stem_type == "small"
     rc, out, err = run("pretrain", "--help")
     assert "--stem {auto,small,imagenet}" in out and "--bit-depth {auto,8,10,12,14,16}" in out
     assert "--unlabeled-dir" in out and "--decode-scale" in out and "--image-cache-gb" in out
@@ -295,16 +295,15 @@ def test_linear_eval_reads_large_frozen_features_through_a_norm(tiny_pretrained,
     tensors, meta = ckpt.load_checkpoint(Path(tiny_pretrained[0]) / "final.safetensors")
     last_bn = [k for k in tensors if k.startswith("model.encoder.") and k.endswith("running_var")][-1]
     blown = {k: (v / 1000 if k == last_bn else v) for k, v in tensors.items()}  # lagging BN statistics
-    meta.pop("result", None)
-    ckpt.save_checkpoint(tmp_path / "pre_blown" / "final", blown, meta)
+    ckpt.save_checkpoint(tmp_path / "pre_blown" / "final", blown, meta.replace(result=None))
     runs = {}
     for name, pre, norm in (("normal", tiny_pretrained[0], "auto"), ("blown", tmp_path / "pre_blown", "auto"),
                             ("blown_off", tmp_path / "pre_blown", "off")):
         cfg = make_config("linear_eval", None, out=str(tmp_path / name), feature_norm=norm,
                           **dict(base, pretrained=str(pre)))
         runs[name] = linear_eval(cfg)
-    spec = {n: ckpt.read_meta(tmp_path / n / "final.safetensors")["model"] for n in runs}
-    assert "feature_norm" not in spec["normal"] and spec["blown"]["feature_norm"] is True
+    spec = {n: ckpt.read_meta(tmp_path / n / "final.safetensors").model for n in runs}
+    assert spec["normal"].feature_norm is False and spec["blown"].feature_norm is True
     loss = {n: [json.loads(r)["loss"] for r in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in runs}
     assert max(loss["blown_off"]) > 10 * max(loss["blown"])  # without the norm the loss blows up
     assert runs["blown"]["top1"] > runs["blown_off"]["top1"] + 5
@@ -329,7 +328,7 @@ def test_recipe_on_a_users_folders_through_the_cli(digits, tmp_path):
     assert top1["finetune"] > top1["supervised"], top1
     assert "1 channel, 40 px views, 12-bit images scaled by 4095" in err
     meta = ckpt.read_meta(out / "labels_1" / "distill_self" / "final.safetensors")
-    assert meta["image_size"] == 40 and meta["model"]["in_channels"] == 1 and meta["bit_depth"] == 12
+    assert meta.image_size == 40 and meta.model.in_channels == 1 and meta.bit_depth == 12
     # evaluate finds the run's own test folder, decoded as the run decoded it
     rc, text, err = run("evaluate", str(out / "labels_1" / "distill_self"), "--precision", "fp32")
     assert rc == 0, err
@@ -347,4 +346,4 @@ def test_a_stage_from_a_checkpoint_sees_the_images_as_its_run_did(digits, tmp_pa
                      "--out", str(tmp_path / "ft"))
     assert rc == 0, err
     meta = ckpt.read_meta(tmp_path / "ft" / "final.safetensors")
-    assert (meta["image_size"], meta["model"]["in_channels"], meta["bit_depth"]) == (24, 1, 12)
+    assert (meta.image_size, meta.model.in_channels, meta.bit_depth) == (24, 1, 12)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from simclrv2 import checkpoint as ckpt
 from simclrv2.data.augment import PretrainAugment
 from simclrv2.data.sources import load_dataset
-from simclrv2.stages.common import load_model
+from simclrv2.checkpoint import load_model
 
 
 def main() -> None:
@@ -30,8 +30,8 @@ def main() -> None:
     args = ap.parse_args()
     run = Path(args.run)
     model, meta = load_model(run / "final.safetensors", "simclr")
-    cfg = meta.get("config") or {}
-    ds = load_dataset(args.dataset or meta.get("dataset") or cfg.get("dataset", "fashion-mnist"), "train")
+    cfg = meta.config
+    ds = load_dataset(args.dataset or meta.dataset or cfg.get("dataset", "fashion-mnist"), "train")
     g = torch.Generator().manual_seed(0)
     images, _ = ds.get_batch(torch.randperm(len(ds), generator=g)[: args.pairs].numpy())
     augment = PretrainAugment(images.shape[-1], crop_scale=(cfg.get("crop_min", 0.08), 1.0),

@@ -36,7 +36,7 @@ from simclrv2.data import load_dataset, validation_indices
 from simclrv2.data.augment import EvalTransform
 from simclrv2.engine import knn_accuracy, predict
 from simclrv2.runtime import init_runtime
-from simclrv2.stages.common import load_model
+from simclrv2.checkpoint import load_model
 
 PROTOCOLS = {"k200": 200, "k20": 20}
 
@@ -85,8 +85,8 @@ def main(argv=None) -> int:
     for path in args.checkpoints:
         p = Path(path)
         model, meta = load_model(p / "final.safetensors" if p.is_dir() else p, "simclr")
-        dataset = args.dataset or meta.get("dataset") or "fashion-mnist"
-        size = int(meta.get("image_size") or 28)
+        dataset = args.dataset or meta.dataset or "fashion-mnist"
+        size = int(meta.image_size or 28)
         if (dataset, size) not in data_cache:
             train = load_dataset(dataset, "train", args.data_dir, None)
             test = load_dataset(dataset, "test", args.data_dir, None)

@@ -10,6 +10,10 @@ The command line and Python share names and defaults: every ``simclrv2 COMMAND -
     simclrv2.evaluate("runs/ft")["top1"]
     simclrv2.embed("runs/ft", ["photos/"], out="feats.npy")["features"]
 
+Every function logs like the command line (INFO lines on stderr, a progress bar on a terminal)
+unless the caller has configured the ``simclrv2`` logger: ``logging.getLogger("simclrv2").setLevel("WARNING")``
+before a call keeps it quiet.
+
 Stage functions take ``preset=`` (a shipped preset name, a YAML file or a dict) plus any option of
 the stage's config (:mod:`simclrv2.config`); explicit options win over the preset. They (and
 ``pipeline``) also take ``view_transforms=[fn, ...]``: callables ``fn(views, generator) -> views``
@@ -21,6 +25,7 @@ not options: a run continued later must be given the same ones. Nothing heavy
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 import types
@@ -33,8 +38,25 @@ __all__ = [
     "pipeline", "predict", "pretrain", "supervised",
 ]
 
-_SUBMODULES = {"checkpoint", "cli", "config", "data", "distributed", "engine", "errors", "export", "inference", "losses",
-               "metrics", "models", "optim", "pipeline", "report", "runtime", "stages", "tf_import"}
+_SUBMODULES = {"checkpoint", "cli", "config", "data", "distributed", "engine", "errors", "export", "feature_map", "inference", "losses",
+               "metrics", "models", "optim", "pipeline", "report", "rundir", "runtime", "stages", "tf_bundle",
+               "tf_import"}
+
+
+def _logs_like_cli(fn):
+    """Set up the ``simclrv2`` logger as the CLI does (INFO; a progress bar on a terminal) unless the
+    caller configured it (a level or a handler of its own)."""
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any):
+        import logging
+
+        logger = logging.getLogger("simclrv2")
+        if logger.level == logging.NOTSET and not logger.handlers:
+            from simclrv2.runtime import setup_logging
+
+            setup_logging(0)
+        return fn(*args, **kwargs)
+    return call
 
 
 def _stage(stage: str, preset: str | dict | None, options: dict[str, Any]) -> dict[str, Any]:
@@ -49,31 +71,37 @@ def _stage(stage: str, preset: str | dict | None, options: dict[str, Any]) -> di
         return getattr(stages, stage)(cfg)
 
 
+@_logs_like_cli
 def pretrain(preset: str | dict | None = None, **options: Any) -> dict[str, Any]:
     """Contrastive pretraining of encoder + projection head (``simclrv2 pretrain``). Returns the stage's result."""
     return _stage("pretrain", preset, options)
 
 
+@_logs_like_cli
 def finetune(preset: str | dict | None = None, **options: Any) -> dict[str, Any]:
     """Fine-tune a pretrained model from a head layer on the labeled subset (``simclrv2 finetune``; needs ``pretrained=``)."""
     return _stage("finetune", preset, options)
 
 
+@_logs_like_cli
 def distill(preset: str | dict | None = None, **options: Any) -> dict[str, Any]:
     """Distil a fine-tuned teacher into a student on all training images (``simclrv2 distill``; needs ``teacher=``)."""
     return _stage("distill", preset, options)
 
 
+@_logs_like_cli
 def supervised(preset: str | dict | None = None, **options: Any) -> dict[str, Any]:
     """The baseline: the same classifier trained from scratch on the labeled subset (``simclrv2 supervised``)."""
     return _stage("supervised", preset, options)
 
 
+@_logs_like_cli
 def linear_eval(preset: str | dict | None = None, **options: Any) -> dict[str, Any]:
     """Linear classifier on a frozen pretrained encoder (``simclrv2 linear-eval``; needs ``pretrained=``)."""
     return _stage("linear_eval", preset, options)
 
 
+@_logs_like_cli
 def evaluate(checkpoint: str, dataset: str | None = None, data_dir: str | None = None, split: str = "test",
              device: str = "auto", precision: str = "auto", batch_size: int = 500) -> dict[str, Any]:
     """Top-1 / top-5 (%) of a classifier checkpoint on a dataset split (``simclrv2 evaluate``)."""
@@ -82,6 +110,7 @@ def evaluate(checkpoint: str, dataset: str | None = None, data_dir: str | None =
     return _evaluate(checkpoint, dataset, data_dir, split, device, precision, batch_size)
 
 
+@_logs_like_cli
 def pipeline(preset: str = "cpu-demo", out: str = "", dataset: str | None = None, data_dir: str | None = None,
              label_fractions: list[float] | None = None, overrides: dict[str, Any] | list[str] | None = None,
              device: str | None = None, unlabeled_dir: str | None = None, labeled_dir: str | None = None,
@@ -106,6 +135,7 @@ def pipeline(preset: str = "cpu-demo", out: str = "", dataset: str | None = None
                             test_dir=test_dir)
 
 
+@_logs_like_cli
 def embed(checkpoint: str, images, out: str | None = None, head_layer: int | None = None, batch_size: int = 256,
           device: str = "auto", precision: str = "fp32") -> dict[str, Any]:
     """Features of image files/folders (``simclrv2 embed``); see :func:`simclrv2.inference.embed`."""
@@ -114,6 +144,7 @@ def embed(checkpoint: str, images, out: str | None = None, head_layer: int | Non
     return _embed(checkpoint, images, out, head_layer, batch_size, device, precision)
 
 
+@_logs_like_cli
 def predict(checkpoint: str, images, out: str | None = None, batch_size: int = 256, device: str = "auto",
             precision: str = "fp32") -> dict[str, Any]:
     """Class predictions of a classifier for image files/folders (``simclrv2 predict``); see :func:`simclrv2.inference.predict`."""
@@ -122,6 +153,7 @@ def predict(checkpoint: str, images, out: str | None = None, batch_size: int = 2
     return _predict(checkpoint, images, out, batch_size, device, precision)
 
 
+@_logs_like_cli
 def export(checkpoint: str, onnx: str) -> dict[str, Any]:
     """ONNX export of a classifier checkpoint (``simclrv2 export``)."""
     from simclrv2.inference import export as _export
@@ -129,6 +161,7 @@ def export(checkpoint: str, onnx: str) -> dict[str, Any]:
     return _export(checkpoint, onnx)
 
 
+@_logs_like_cli
 def import_tf(checkpoint: str, out: str, kind: str | None = None, head_layer: int | None = None, ema: bool = False,
               image_size: int = 224) -> dict[str, Any]:
     """Convert an official TF checkpoint to ``out/final.*`` (``simclrv2 import-tf``)."""
@@ -138,8 +171,11 @@ def import_tf(checkpoint: str, out: str, kind: str | None = None, head_layer: in
 
 
 def load_model(checkpoint: str, kind: str | None = None):
-    """(model, metadata) of a checkpoint file or stage directory; ``kind`` 'simclr' / 'classifier' is checked if given."""
-    from simclrv2.stages.common import load_model as _load_model
+    """(model, metadata) of a checkpoint file or stage directory; ``kind`` 'simclr' / 'classifier' is checked if given.
+
+    The metadata is a :class:`simclrv2.checkpoint.CheckpointMeta` (``meta.model`` its
+    :class:`simclrv2.models.ModelSpec`, ``meta.classes``, ``meta.image_size``, ``meta.result``, ...)."""
+    from simclrv2.checkpoint import load_model as _load_model
 
     return _load_model(checkpoint, kind)
 

@@ -12,26 +12,38 @@ The header also holds a SHA-256 of the metadata and every tensor (name, dtype, s
 truncated file, a flipped byte or a file that is not a checkpoint is a one-line
 :class:`CheckpointError` naming the file, never wrong weights or a traceback. The header is
 checked in Python before safetensors sees the file.
+
+The contract: the metadata is a :class:`CheckpointMeta` (versioned, :data:`FORMAT_VERSION`; its
+model a :class:`simclrv2.models.ModelSpec`), tensors are ``model.*`` (the model's state dict),
+and in a resume point ``last.*`` also ``optim.*`` (momentum buffers) and ``extra.*`` (the task's
+own state, e.g. the memory queue). Every checkpoint is written by :func:`save_checkpoint` and read
+by :func:`load_checkpoint` / :func:`read_meta`; :func:`load_model` rebuilds its model. Format 1
+(simclrv2 0.1.0 up to commit b64d9db) still loads; a format newer than this code is an error
+saying to upgrade.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
+from torch import nn
 
-from simclrv2.errors import CheckpointError
+from simclrv2.errors import CheckpointError, UserError
+from simclrv2.models.spec import ModelSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: typed ModelSpec (SK, stem type and avg_down apart; image_size in the spec); 1: b64d9db and before
 META_KEY = "simclrv2"
 DIGEST_KEY = "simclrv2.sha256"
 TMP_SUFFIX = ".tmp"
@@ -46,8 +58,12 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically; an OSError (disk full, ...) names ``path``."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """``with atomic_path(path) as tmp:`` write the file at ``tmp`` (a hidden temporary file beside
+    ``path``); on leaving the block it is fsynced and renamed onto ``path`` (then the directory
+    fsynced), or removed if the block failed. An OSError (disk full, ...) names ``path``, not the
+    temporary file. Every file of ours is written through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -55,11 +71,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except OSError as e:  # name the file the user knows, not the hidden temporary one
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.close(fd)
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -74,6 +93,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -105,11 +130,123 @@ def content_digest(text: str, tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path_stem: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write ``path_stem.safetensors`` and ``path_stem.json`` atomically (the .safetensors first)."""
+@dataclass
+class CheckpointMeta:
+    """A checkpoint's metadata: what its model is (``model``) and how it was made."""
+
+    stage: str  # pretrain | supervised | finetune | linear_eval | distill | import-tf
+    model: ModelSpec
+    classes: list[str] | None = None  # class names in label order
+    dataset: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # the stage's options (its RunConfig, as in OUT/config.yaml)
+    step: int = 0  # training steps done
+    total_steps: int = 0
+    steps_per_epoch: int = 0
+    epoch: float = 0.0
+    complete: bool = False  # final.*: training finished
+    metrics: dict[str, Any] = field(default_factory=dict)  # the last logged row of metrics.jsonl
+    precision: str | None = None  # the autocast precision it trained in
+    train_seconds: float = 0.0  # all runs of the stage together (a resumed run adds its time)
+    grad_scaler: dict[str, Any] | None = None  # fp16: torch.amp.GradScaler's state (exact resume)
+    result: dict[str, Any] | None = None  # the stage's result, stored in final.* once it is evaluated
+    pretrained: str | None = None  # finetune / linear_eval: the checkpoint it started from
+    teacher: str | None = None  # distill
+    temperature: float | None = None  # distill
+    self_distillation: bool | None = None  # distill
+    imported: dict[str, Any] | None = None  # import-tf: the TF checkpoint it came from and how it was read
+    bit_depth: int | None = None  # image folders: the bits images of more than 8 bits were scaled by (data/folders.py)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def image_size(self) -> int | None:
+        return self.model.image_size
+
+    def replace(self, **changes: Any) -> CheckpointMeta:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["model"] = self.model.to_json()
+        out["format_version"] = FORMAT_VERSION
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str | Path = "checkpoint") -> CheckpointMeta:
+        """The metadata of a checkpoint's JSON, of any format up to :data:`FORMAT_VERSION`; a
+        one-line CheckpointError naming ``source`` for anything else."""
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{source}: corrupted checkpoint metadata (expected a JSON object)")
+        version = data.get("format_version")
+        if type(version) is not int or version < 1:
+            raise CheckpointError(f"{source}: checkpoint metadata without a valid format_version ({version!r}); "
+                                  "expected a checkpoint written by simclrv2")
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"{source}: checkpoint format {version} was written by a newer simclrv2 (this one reads "
+                                  f"formats 1 to {FORMAT_VERSION}); upgrade simclrv2 (pip install -U simclrv2) to load it")
+        data = {k: v for k, v in data.items() if v is not None}  # None: the field's default
+        if "model" not in data:
+            raise CheckpointError(f"{source}: checkpoint JSON has no model spec")
+        if version == 1:
+            data = _from_format_1(data)
+        if not isinstance(data.get("stage"), str):
+            raise CheckpointError(f"{source}: checkpoint JSON names no stage")
+        try:
+            spec = ModelSpec.from_json(data.pop("model"), version=version)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: invalid model spec in the checkpoint ({' '.join(str(e).split())[:200]})") from None
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise CheckpointError(f"{source}: unknown checkpoint metadata {unknown[0][:40]!r} in format {version}; "
+                                  "expected a checkpoint written by simclrv2")
+        for name, check in _META_TYPES.items():
+            if name in data and not check(data[name]):
+                what = "a list of names" if name == "classes" else "another type"
+                raise CheckpointError(f"{source}: invalid {name.replace('_', ' ')} in the checkpoint (expected {what})")
+        return cls(model=spec, **data)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return _is_int(v) or isinstance(v, float)
+
+
+_META_TYPES = {
+    "stage": lambda v: isinstance(v, str), "classes": lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+    "dataset": lambda v: isinstance(v, str), "config": lambda v: isinstance(v, dict), "step": _is_int,
+    "total_steps": _is_int, "steps_per_epoch": _is_int, "epoch": _is_number, "complete": lambda v: isinstance(v, bool),
+    "metrics": lambda v: isinstance(v, dict), "precision": lambda v: isinstance(v, str), "train_seconds": _is_number,
+    "grad_scaler": lambda v: isinstance(v, dict), "result": lambda v: isinstance(v, dict),
+    "pretrained": lambda v: isinstance(v, str), "teacher": lambda v: isinstance(v, str), "temperature": _is_number,
+    "self_distillation": lambda v: isinstance(v, bool), "imported": lambda v: isinstance(v, dict),
+    "bit_depth": _is_int,
+}
+
+
+def _from_format_1(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 1's keys as format 2's: the image size moves into the model spec (whose ``sk`` and
+    ``small_images`` :meth:`ModelSpec.from_json` translates); import-tf's model summary
+    (``config``, ``kind``: the spec said the same) goes and its ``metadata`` becomes ``imported``;
+    keys format 2 does not have are dropped (format 1 was a free dict)."""
+    model = dict(data["model"]) if isinstance(data["model"], dict) else data["model"]
+    if isinstance(model, dict):
+        model.setdefault("image_size", data.get("image_size"))
+    out = {k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(CheckpointMeta)}}
+    out["model"] = model
+    if data.get("stage") == "import-tf":
+        out.pop("config", None)
+        out["imported"] = data.get("metadata")
+    return out
+
+
+def save_checkpoint(path_stem: str | Path, tensors: dict[str, torch.Tensor], meta: CheckpointMeta) -> None:
+    """Write ``path_stem.safetensors`` and ``path_stem.json`` atomically (the .safetensors first):
+    the one writer of every checkpoint."""
     stem = Path(path_stem)
-    meta = {"format_version": FORMAT_VERSION, **meta}
-    text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default, allow_nan=True)
+    text = json.dumps(meta.to_json(), indent=2, sort_keys=True, default=_json_default, allow_nan=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     data = save(tensors, metadata={META_KEY: text, DIGEST_KEY: content_digest(text, tensors)})
     atomic_write_bytes(stem.with_suffix(".safetensors"), data)
@@ -194,6 +331,7 @@ def _read_header(p: Path) -> dict[str, str]:
 
 
 def _parse_meta(p: Path, meta: dict[str, str]) -> dict[str, Any]:
+    """The JSON object of the header's metadata (format not yet interpreted)."""
     if META_KEY not in meta:
         raise CheckpointError(f"{p}: safetensors file without simclrv2 metadata; expected a checkpoint written by simclrv2")
     if set(meta) - {META_KEY, DIGEST_KEY}:  # e.g. a damaged checksum key
@@ -207,10 +345,10 @@ def _parse_meta(p: Path, meta: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
+def read_meta(path: str | Path) -> CheckpointMeta:
     """A checkpoint's metadata, from the safetensors header (the .json beside it may lag)."""
     p = resolve(path)
-    return _parse_meta(p, _read_header(p))
+    return CheckpointMeta.from_json(_parse_meta(p, _read_header(p)), p)
 
 
 _allow_unverified = False
@@ -229,8 +367,8 @@ def unverified_allowed(allow: bool = True):
         _allow_unverified = saved
 
 
-def load_checkpoint(path: str | Path, allow_unverified: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, metadata) of a checkpoint; a clear CheckpointError for anything unreadable.
+def load_checkpoint(path: str | Path, allow_unverified: bool | None = None) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+    """(tensors, metadata) of a checkpoint; a clear CheckpointError for anything unreadable: the one loader.
 
     A checkpoint without a checksum (removed, or written by another tool) is refused unless
     ``allow_unverified`` (default: inside :func:`unverified_allowed`), then loaded with a warning.
@@ -254,7 +392,30 @@ def load_checkpoint(path: str | Path, allow_unverified: bool | None = None) -> t
         logging.getLogger("simclrv2").warning(f"{p}: loading an unverified checkpoint (it has no checksum)")
     elif digest != content_digest(raw_meta[META_KEY], tensors):
         raise CheckpointError(f"{p}: corrupted checkpoint (its contents do not match the checksum in its header)")
-    return tensors, meta
+    return tensors, CheckpointMeta.from_json(meta, p)
+
+
+def load_model(path: str | Path, kind: str | None = None) -> tuple[nn.Module, CheckpointMeta]:
+    """A checkpoint's model (built from its spec, weights loaded) and its metadata; ``kind``
+    ('simclr' / 'classifier') is checked if given."""
+    from simclrv2.models import build_model
+
+    tensors, meta = load_checkpoint(path)
+    source = resolve(path)
+    spec = meta.model
+    if kind is not None and spec.kind != kind:
+        expected = {"simclr": "a pretrained (pretrain/import-tf) checkpoint",
+                    "classifier": "a classifier (finetune/distill/supervised) checkpoint"}[kind]
+        raise CheckpointError(f"{source}: is a {spec.kind!r} checkpoint of stage {meta.stage!r}; expected {expected}")
+    try:
+        model = build_model(spec)
+    except (UserError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: invalid model spec in the checkpoint ({' '.join(str(e).split())[:200]})") from None
+    load_state(model, subdict(tensors, "model."), source, f"{spec.kind} model (depth {spec.depth}, width {spec.width})")
+    if spec.kind == "classifier" and meta.classes and len(meta.classes) != spec.num_classes:
+        raise CheckpointError(f"{source}: the checkpoint names {len(meta.classes)} classes for its {spec.num_classes}-class "
+                              "classifier; its class list and its model do not belong together")
+    return model, meta
 
 
 def _short(e: Exception) -> str:
@@ -266,22 +427,27 @@ def subdict(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path, what: str) -> None:
-    """``module.load_state_dict(state, strict=True)`` with a one-line error naming the file."""
-    own = module.state_dict()
+def state_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """How ``state`` fails to fit a module whose state dict is ``own`` (names and shapes), or None."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        detail = []
-        if wrong:
-            k = wrong[0]
-            detail.append(f"{k} has shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}")
-        if missing:
-            detail.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
-        if unexpected:
-            detail.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
-        raise CheckpointError(f"{source}: does not match the expected {what}: " + "; ".join(detail))
+    detail = []
+    if wrong:
+        k = wrong[0]
+        detail.append(f"{k} has shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}")
+    if missing:
+        detail.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
+    if unexpected:
+        detail.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+    return "; ".join(detail) or None
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path, what: str) -> None:
+    """``module.load_state_dict(state, strict=True)`` with a one-line error naming the file."""
+    mismatch = state_mismatch(module.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"{source}: does not match the expected {what}: {mismatch}")
     module.load_state_dict(state, strict=True)
 
 
@@ -300,6 +466,6 @@ def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
 def step_of(path: str | Path) -> int | None:
     """The training step a checkpoint holds (from its header), or None if it cannot be read."""
     try:
-        return int(read_meta(path).get("step"))
-    except (CheckpointError, TypeError, ValueError):
+        return read_meta(path).step
+    except CheckpointError:
         return None

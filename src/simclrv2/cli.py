@@ -15,7 +15,8 @@ import sys
 from typing import Any, Sequence
 
 from simclrv2 import __version__
-from simclrv2.config import BIT_DEPTH_CHOICES, FEATURE_NORMS, STAGE_CONFIGS, STEMS, load_preset, make_config, preset_names
+from simclrv2.config import (BIT_DEPTH_CHOICES, FEATURE_NORMS, STAGE_CONFIGS, STEMS, load_preset, make_config,
+                             preset_description, preset_names)
 from simclrv2.errors import UserError
 
 HELP = {
@@ -309,24 +310,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                     print(yaml.safe_dump(load_preset(args.name), sort_keys=False), end="")
                 else:
-                    print("\n".join(preset_names()))
+                    names = preset_names()
+                    width = max(map(len, names))
+                    print("\n".join(f"{n:<{width}}  {preset_description(n)}" for n in names))
                 return 0
             if args.command == "summary":
-                from simclrv2.models import build_resnet
+                from simclrv2.models import build_resnet, sk_options
 
-                enc = build_resnet(args.depth, args.width, args.sk)
+                enc = build_resnet(args.depth, args.width, **sk_options(args.sk))
                 n = sum(p.numel() for p in enc.parameters())
                 print(f"ResNet-{args.depth} {args.width}x{' +SK' if args.sk else ''}: {n / 1e6:.2f}M parameters, {enc.out_dim}-d features")
                 return 0
             if args.command == "evaluate":
-                from simclrv2.checkpoint import read_meta
                 from simclrv2.errors import ConfigError
                 from simclrv2.stages import evaluate
 
                 if args.batch_size < 1:
                     raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-                if args.dataset is None and "dataset" not in read_meta(args.checkpoint):
-                    raise ConfigError(f"{args.checkpoint}: the checkpoint does not name its dataset; pass --dataset")
                 result = evaluate(args.checkpoint, args.dataset, args.data_dir, args.split, args.device, args.precision,
                                   args.batch_size, args.workers)
             elif args.command in ("embed", "predict", "export", "import-tf"):

@@ -313,6 +313,14 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("simclrv2.presets").iterdir() if p.name.endswith(".yaml"))
 
 
+def preset_description(name: str) -> str:
+    """A shipped preset's purpose: the first comment line of its YAML file."""
+    for line in resources.files("simclrv2.presets").joinpath(f"{name}.yaml").read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
 def load_preset(name_or_path: str | None) -> dict[str, Any]:
     if not name_or_path:
         return {}
@@ -419,12 +427,33 @@ def resolve_layout(values: dict, explicit: dict) -> None:
         values["label_fraction"] = 1.0  # the labelled folder is the labelled set: every label is used
 
 
+def _pipeline_choices(preset: dict[str, Any], stage: str, values: dict[str, Any], explicit: dict[str, Any]) -> None:
+    """What the pipeline does for this stage, so that a stage run alone with ``--preset P`` does the
+    same: the preset's per-fraction section for the run's label fraction, the first of
+    ``finetune_head_layers``, and ``distill_init: teacher`` for self-distillation (a student of the
+    teacher's architecture, i.e. none given, starts as its teacher)."""
+    by_fraction = {float(k): v for k, v in (preset.get("fractions") or {}).items()}
+    fraction = values.get("label_fraction")
+    if fraction is not None:
+        section = (by_fraction.get(float(fraction)) or {}).get(stage) or {}
+        _check_section(stage, section, f"preset fractions.{fraction:g}")
+        values.update(section)
+    if stage == "finetune" and values.get("head_layer") is None and preset.get("finetune_head_layers"):
+        values["head_layer"] = preset["finetune_head_layers"][0]
+    if (stage == "distill" and values.get("init_from") is None and preset.get("distill_init") == "teacher"
+            and not {"depth", "width", "sk"} & set(explicit)):
+        values["init_from"] = values.get("teacher")
+
+
 def make_config(stage: str, preset: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
     cls = STAGE_CONFIGS[stage]
-    values = stage_values(preset or {}, stage)
+    preset = preset or {}
+    values = stage_values(preset, stage)
     explicit = {k: v for k, v in overrides.items() if v is not None}
     values.update(explicit)
-    resolve_layout(values, explicit)
+    resolve_layout(values, explicit)  # (before the per-fraction choices: a labelled folder's fraction is 1)
+    _pipeline_choices(preset, stage, values, explicit)
+    values.update(explicit)  # explicit options win
     names = {f.name for f in fields(cls)}
     unknown = set(values) - names
     if unknown:

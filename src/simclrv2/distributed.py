@@ -1,5 +1,9 @@
 """Multi-process training through torchrun + torch.distributed (DDP), and global BatchNorm.
 
+The one place that asks "am I distributed, which rank, how many" (:func:`launch_env`,
+:func:`world`, :func:`is_main_process`) and runs collectives: the rest of the package calls
+these functions, or reads :class:`simclrv2.runtime.Runtime`, which is built from them.
+
 Why N processes with a per-process batch b give the update of one process with batch N·b:
 
 * Data: :class:`simclrv2.engine.BatchStream` gives rank r the rows ``r·b : (r+1)·b`` of each
@@ -19,18 +23,58 @@ Why N processes with a per-process batch b give the update of one process with b
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from simclrv2.runtime import Runtime
+if TYPE_CHECKING:
+    from simclrv2.runtime import Runtime
 
 
 def _initialised() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+# ------------------------------------------------------------------ which process am I
+
+def launch_env() -> tuple[int, int, int, bool]:
+    """(rank, world size, local rank, launched by torchrun) from the environment torchrun sets
+    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); (0, 1, 0, False) for a plain start."""
+    env = os.environ
+    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")), "LOCAL_RANK" in env
+
+
+def init_process_group(device: torch.device, timeout_s: float) -> None:
+    """Join torchrun's process group (NCCL on CUDA, gloo elsewhere) unless started alone or joined already."""
+    if launch_env()[1] > 1 and not _initialised():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) without a process group."""
+    if not _initialised():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0, the one that writes a run's shared files: the process
+    group's rank once joined, torchrun's ``RANK`` before (e.g. the pipeline's first files)."""
+    return (dist.get_rank() if _initialised() else launch_env()[0]) == 0
+
+
+def barrier() -> None:
+    if _initialised() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------ collectives
 
 
 class _AllGatherGrad(torch.autograd.Function):
@@ -57,6 +101,14 @@ def all_gather_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     backward sends each rank the sum over ranks of the gradients of its slice."""
     group = group if group is not None else dist.group.WORLD
     return _AllGatherGrad.apply(x.contiguous(), group)
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' ``x`` concatenated along dim 0 (gradients flow back to each rank's own slice),
+    and the offset of this rank's slice. Without an initialised process group: ``(x, 0)``."""
+    if not _initialised() or dist.get_world_size() == 1:
+        return x, 0
+    return all_gather_grad(x), dist.get_rank() * x.shape[0]
 
 
 class GlobalBatchNorm(_BatchNorm):
@@ -191,13 +243,6 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     out = values.detach().clone()
     dist.all_reduce(out)
     return out / dist.get_world_size()
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) without a process group."""
-    if not _initialised():
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
 
 
 def all_gather_objects(obj) -> list:

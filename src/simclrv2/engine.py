@@ -1,6 +1,6 @@
 """The one training loop every stage uses.
 
-A stage supplies a :class:`Task` (what one step computes); :func:`fit` does the rest: data order,
+A stage supplies a :class:`Task` (what one step computes); :class:`Trainer` does the rest: data order,
 learning-rate schedule, optimiser, precision, DDP, logging and progress, atomic checkpoints,
 resume, and the divergence check. Everything that decides a step's result is a function of
 (seed, step), so a resumed run replays exactly the schedule, data order and augmentations of an
@@ -15,6 +15,7 @@ process would draw them for the whole global batch (:func:`step_generator`,
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -52,6 +53,9 @@ class Task:
 
     model: nn.Module
     net: nn.Module
+    # what a resume point stores beside the model and the optimiser (e.g. pretraining's memory queue):
+    # a module whose state_dict goes to the checkpoint's ``extra.*`` tensors
+    extra: nn.Module | None = None
     # parameter-name prefixes that LARS neither decays nor adapts (biases and BN parameters never are):
     # the linear classifiers, as the official head_supervised (:func:`simclrv2.optim.param_groups`)
     lars_excluded: tuple[str, ...] = CLASSIFIER_PREFIXES
@@ -65,12 +69,6 @@ class Task:
 
     def after_step(self) -> None:
         """Called after each optimiser step (EMA updates, queues)."""
-
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        pass
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         return {}
@@ -217,8 +215,8 @@ def _divergence_advice(last: Path) -> str:
 
 def train_step(task: Task, opt: torch.optim.Optimizer, rt: Runtime, images: torch.Tensor, labels: torch.Tensor,
                lr: float, generator: torch.Generator, scaler=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One optimisation step of :func:`fit` at learning rate ``lr``: loss, backward, update,
-    ``task.after_step()``; returns ``task.loss``'s (loss, parts). ``bench/run.py`` times it.
+    """One optimisation step at learning rate ``lr`` (:meth:`Trainer.step` adds the schedule and
+    the bookkeeping): loss, backward, update, ``task.after_step()``; returns ``task.loss``'s (loss, parts).
 
     ``scaler`` (fp16, :meth:`Runtime.grad_scaler`): the loss is scaled before backward and the
     gradients unscaled before the optimiser sees them (LARS's trust ratio included); a step whose
@@ -238,151 +236,241 @@ def train_step(task: Task, opt: torch.optim.Optimizer, rt: Runtime, images: torc
     return loss, parts
 
 
-def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: str | Path, stage: str,
-        meta: dict[str, Any], run=None) -> FitResult:
-    """Train ``task`` on ``data`` per ``cfg``; checkpoints in ``out_dir`` (last.*, final.*).
+_STEP_HOOKS: list = []
 
-    ``meta`` (model spec, classes, ...) is stored in every checkpoint's JSON. ``run``: the stage's
-    :class:`simclrv2.rundir.StageRun`, whose decision says whether to continue the run in
-    ``out_dir``; without one, ``cfg.resume`` does.
+
+@contextlib.contextmanager
+def step_hook(fn):
+    """``with step_hook(fn): ...``: every :class:`Trainer` in the block calls ``fn(trainer)`` after
+    each optimisation step (the update and ``task.after_step()`` done, ``trainer.step_count``
+    counting it; nothing of it logged or checkpointed yet). For watching training, or for
+    stopping it at a chosen step: an exception raised there ends the run as a kill at that
+    instant would (the tests' interruptions)."""
+    _STEP_HOOKS.append(fn)
+    try:
+        yield fn
+    finally:
+        _STEP_HOOKS.remove(fn)
+
+
+class Trainer:
+    """The loop every stage runs, in named phases::
+
+        trainer = Trainer(task, cfg, rt, data, out_dir, meta, run)  # the plan: batches, schedule, optimiser
+        trainer.resume()                      # continue the run in out_dir, or start it afresh
+        for images, labels in trainer.batches():
+            trainer.step(images, labels)      # one optimisation step
+            trainer.log()                     # at log / checkpoint / epoch boundaries: metrics, last.*
+        trainer.close()
+        result = trainer.finish()             # final.*
+
+    :meth:`fit` runs exactly that. ``meta`` (stage, model spec, classes, ...) is the metadata of
+    every checkpoint, with the progress (step, metrics, ...) filled in at each save. ``run``: the
+    stage's :class:`simclrv2.rundir.StageRun`, whose decision says whether to continue the run in
+    ``out_dir``; without one, ``cfg.resume`` does. ``bench/run.py`` times :meth:`step`.
     """
-    out = Path(out_dir)
-    if cfg.batch_size % rt.world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {rt.world_size} processes")
-    batch, total = plan_steps(stage, cfg, len(data), rt.world_size)  # (the batch capped by the images)
-    stream = BatchStream(data, batch, cfg.seed, rt, cfg.workers)
-    if stream.steps_per_epoch == 0:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training images of stage {stage}")
-    steps_per_epoch = stream.steps_per_epoch
-    peak_lr = scale_lr(cfg.lr, batch, cfg.lr_scaling)
-    schedule = WarmupCosine(peak_lr, total, int(round(cfg.warmup_fraction * total)))
 
-    model = task.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(model, cfg, task.lars_excluded)
-    scaler = rt.grad_scaler()  # fp16 only
+    def __init__(self, task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: str | Path,
+                 meta: ckpt.CheckpointMeta, run=None):
+        self.task, self.cfg, self.rt, self.meta, self.run = task, cfg, rt, meta, run
+        self.out, self.stage = Path(out_dir), meta.stage
+        if cfg.batch_size % rt.world_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {rt.world_size} processes")
+        batch, self.total = plan_steps(self.stage, cfg, len(data), rt.world_size)  # (the batch capped by the images)
+        self.stream = BatchStream(data, batch, cfg.seed, rt, cfg.workers)
+        if self.stream.steps_per_epoch == 0:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training images of stage {self.stage}")
+        self.steps_per_epoch = self.stream.steps_per_epoch
+        peak_lr = scale_lr(cfg.lr, batch, cfg.lr_scaling)
+        self.schedule = WarmupCosine(peak_lr, self.total, int(round(cfg.warmup_fraction * self.total)))
+        self.params = [p for p in task.model.parameters() if p.requires_grad]
+        self.opt = build_optimizer(task.model, cfg, task.lars_excluded)
+        self.scaler = rt.grad_scaler()  # fp16 only
+        self.step_count = 0  # optimisation steps done (this run's and those of the runs it continues)
+        self.prior_seconds = 0.0  # training time of the earlier runs this one continues
+        self.resumed_row: dict[str, Any] = {}  # the last logged row of the run this one continues
+        self.history: list[dict[str, Any]] = []  # this run's logged rows
+        self.lr = 0.0
+        self._sums = None  # loss and its parts summed since the last log line (on the device: no sync per step)
+        self._parts: list[str] = []
+        self._last_logged = 0
+        self._images = 0  # images (all processes) since the last log line
+        self._t0 = self._t_window = time.perf_counter()
+        self.metrics = self.progress = None
 
-    start = 0
-    prior_seconds = 0.0  # training time of the earlier runs this one continues
-    resumed_row: dict[str, Any] = {}
-    last, final = out / "last.safetensors", out / "final.safetensors"
-    # a run killed after its final checkpoint but before its stage stored the result continues from final.*:
-    # nothing left to train, the stage then evaluates (its last.* may be gone)
-    source = last if last.exists() else final if final.exists() else None
-    resume = run.continues if run is not None else cfg.resume
-    if resume and source is not None:
-        tensors, saved = ckpt.load_checkpoint(source)
-        if saved.get("total_steps") != total or saved.get("stage") != stage:
-            raise CheckpointError(f"{source}: cannot resume: it is stage {saved.get('stage')!r} with {saved.get('total_steps')} steps, "
-                                  f"this run is {stage!r} with {total} steps (same options and data needed; "
-                                  "--restart starts over)")
-        ckpt.load_state(model, ckpt.subdict(tensors, "model."), source, "model")
-        if source == last:
-            load_optimizer_tensors(opt, params, tensors)
-            task.load_extra_state(ckpt.subdict(tensors, "extra."))
-            if scaler is not None and isinstance(saved.get("grad_scaler"), dict):
-                scaler.load_state_dict(saved["grad_scaler"])
-        start = int(saved["step"])
-        prior_seconds = float(saved.get("train_seconds", 0.0))
-        resumed_row = saved.get("metrics") or {}
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.safetensors"
+
+    # -------------------------------------------------------------- phases
+    def resume(self) -> None:
+        """Continue the run in OUT from its checkpoint (last.*; final.* of a run killed before its
+        stage stored the result: nothing left to train) when the run decision says so, else start
+        afresh (an older run's resume point, result and metrics removed). Then config.yaml, the
+        metrics writer, the progress display, and the task in training mode."""
+        cfg, rt, out, stage = self.cfg, self.rt, self.out, self.stage
+        final = out / "final.safetensors"
+        source = self.last_path if self.last_path.exists() else final if final.exists() else None
+        start = 0
+        if (self.run.continues if self.run is not None else cfg.resume) and source is not None:
+            start = self._load(source)
+            if rt.is_main:
+                log.info(f"{stage}: resuming from {source} at step {start}/{self.total}")
+            if self.run is not None:
+                self.run.begin()
+        elif rt.is_main:
+            if self.run is not None:
+                self.run.begin()  # from here a failure keeps OUT as it is (a restart has removed the run it replaces)
+            out.mkdir(parents=True, exist_ok=True)
+            # a fresh start must not leave an older run's resume point or result behind
+            for name in ("last.safetensors", "last.json", "final.safetensors", "final.json", "metrics.jsonl"):
+                (out / name).unlink(missing_ok=True)
+        if not same_on_all_ranks(start, rt.device):
+            raise CheckpointError(f"{stage}: the processes disagree on the resume step ({self.last_path} differs between "
+                                  "machines?); OUT must be on a file system that every node sees")
         if rt.is_main:
-            log.info(f"{stage}: resuming from {source} at step {start}/{total}")
-        if run is not None:
-            run.begin()
-    elif rt.is_main:
-        if run is not None:
-            run.begin()  # from here a failure keeps OUT as it is (a restart has removed the run it replaces)
-        out.mkdir(parents=True, exist_ok=True)
-        # a fresh start must not leave an older run's resume point or result behind
-        for name in ("last.safetensors", "last.json", "final.safetensors", "final.json", "metrics.jsonl"):
-            (out / name).unlink(missing_ok=True)
-    if not same_on_all_ranks(start, rt.device):
-        raise CheckpointError(f"{stage}: the processes disagree on the resume step ({last} differs between machines?); "
-                              "OUT must be on a file system that every node sees")
-    if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temporaries(out)  # left by a process killed mid-write
-        ckpt.atomic_write_text(out / "config.yaml", dump(cfg))
-    rt.barrier()
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(out)  # left by a process killed mid-write
+            ckpt.atomic_write_text(out / "config.yaml", dump(cfg))
+        rt.barrier()
+        self.step_count = self._last_logged = start
+        self.metrics = MetricsWriter(out, start, enabled=rt.is_main)  # metrics.jsonl, metrics.csv, TensorBoard
+        self.progress = Progress(self.total, start, stage, rt.is_main, cfg.log_every)
+        self.task.train()
+        self._t0 = self._t_window = time.perf_counter()
 
-    def save(name: str, step: int, metrics: dict[str, Any]) -> None:
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    def _load(self, source: Path) -> int:
+        """Model (and from last.*: optimiser, task state, loss scale) from ``source``; its step."""
+        tensors, saved = ckpt.load_checkpoint(source)
+        if saved.total_steps != self.total or saved.stage != self.stage:
+            raise CheckpointError(f"{source}: cannot resume: it is stage {saved.stage!r} with {saved.total_steps} steps, "
+                                  f"this run is {self.stage!r} with {self.total} steps (same options and data needed; "
+                                  "--restart starts over)")
+        task = self.task
+        ckpt.load_state(task.model, ckpt.subdict(tensors, "model."), source, "model")
+        if source == self.last_path:
+            load_optimizer_tensors(self.opt, self.params, tensors)
+            if task.extra is not None:
+                ckpt.load_state(task.extra, ckpt.subdict(tensors, "extra."), source, f"{self.stage} state")
+            if self.scaler is not None and saved.grad_scaler is not None:
+                self.scaler.load_state_dict(saved.grad_scaler)
+        self.prior_seconds = float(saved.train_seconds)
+        self.resumed_row = saved.metrics
+        return saved.step
+
+    def batches(self):
+        """(images, labels) of this process for each step from ``step_count`` to the end: the
+        epochs' seeded orders, an interrupted epoch continued where it stopped. Call
+        :meth:`step` on each before taking the next."""
+        while self.step_count < self.total:
+            epoch, first = divmod(self.step_count, self.steps_per_epoch)
+            for batch in self.stream.epoch(epoch, first):
+                yield batch
+                if self.step_count >= self.total:
+                    return
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimisation step (:func:`train_step`) at the scheduled learning rate with the step's
+        augmentation generator; its loss and parts added to the log window; then the step hooks."""
+        self.lr = self.schedule(self.step_count)
+        generator = step_generator(self.cfg.seed, self.step_count, self.rt.device)
+        loss, parts = train_step(self.task, self.opt, self.rt, images, labels, self.lr, generator, self.scaler)
+        values = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())])
+        self._sums = values if self._sums is None else self._sums + values
+        self._parts = list(parts)
+        self.step_count += 1
+        self._images += images.shape[0] * self.rt.world_size
+        for hook in list(_STEP_HOOKS):
+            hook(self)
+        return loss, parts
+
+    def log(self) -> dict[str, Any] | None:
+        """After :meth:`step`: at a log, checkpoint or epoch boundary the metrics row of the steps
+        since the last one (their global batches' mean loss and parts, lr, images/s; at an epoch's
+        end the task's evaluation too), written to the metrics files and the progress display,
+        and last.* at checkpoint and epoch boundaries; None elsewhere."""
+        cfg, step = self.cfg, self.step_count
+        epoch_end = step % self.steps_per_epoch == 0 or step == self.total
+        if not (step % cfg.log_every == 0 or epoch_end or step % cfg.checkpoint_every == 0):
+            self.progress.update(step, {})
+            return None
+        # the mean over processes of their (equal-share) means
+        logged = (all_reduce_mean(self._sums) / (step - self._last_logged)).tolist()
+        if not math.isfinite(logged[0]):
+            raise DivergenceError(f"{self.stage}: the loss became non-finite between steps {self._last_logged} and {step}; "
+                                  + _divergence_advice(self.last_path))
+        now = time.perf_counter()
+        row = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), "loss": logged[0], "lr": self.lr,
+               "images_per_s": self._images / max(now - self._t_window, 1e-9)}
+        row.update(zip(self._parts, logged[1:]))
+        self._sums, self._last_logged, self._t_window, self._images = None, step, now, 0
+        if epoch_end:
+            row.update(self.task.on_epoch_end(step // self.steps_per_epoch))
+            self.task.train()
+        self.history.append(row)
+        self.metrics.write(row)
+        self.progress.update(step, {k: row[k] for k in ("epoch", "loss", "lr", "images_per_s") if k in row})
+        if step % cfg.checkpoint_every == 0 or epoch_end:
+            self.save("last", row)
+        return row
+
+    def save(self, name: str, metrics: dict[str, Any]) -> None:
+        """``OUT/name.*`` at the current step: the model, and for the resume point ``last`` the
+        optimiser's momenta and the task's state; never a checkpoint with a non-finite tensor."""
+        step = self.step_count
+        tensors = {f"model.{k}": v for k, v in self.task.model.state_dict().items()}
         if name == "last":
-            tensors.update(optimizer_tensors(opt, params))
-            tensors.update({f"extra.{k}": v for k, v in task.extra_state().items()})
+            tensors.update(optimizer_tensors(self.opt, self.params))
+            if self.task.extra is not None:
+                tensors.update({f"extra.{k}": v for k, v in self.task.extra.state_dict().items()})
         bad = ckpt.first_non_finite(tensors)  # never replace a good checkpoint with a diverged one
         if bad:
-            raise DivergenceError(f"{stage}: {bad} became non-finite by step {step}; {name}.safetensors not written; "
-                                  + _divergence_advice(last))
-        if not rt.is_main:
+            raise DivergenceError(f"{self.stage}: {bad} became non-finite by step {step}; {name}.safetensors not written; "
+                                  + _divergence_advice(self.last_path))
+        if not self.rt.is_main:
             return
-        info = dict(meta, stage=stage, step=step, epoch=step / steps_per_epoch, total_steps=total,
-                    steps_per_epoch=steps_per_epoch, config=to_dict(cfg), metrics=metrics, complete=name == "final",
-                    precision=rt.precision,
-                    train_seconds=prior_seconds + time.perf_counter() - t0)
-        if scaler is not None:
-            info["grad_scaler"] = scaler.state_dict()  # the loss scale and its growth counter: exact resume
-        ckpt.save_checkpoint(out / name, tensors, info)
+        info = self.meta.replace(step=step, epoch=step / self.steps_per_epoch, total_steps=self.total,
+                                 steps_per_epoch=self.steps_per_epoch, config=to_dict(self.cfg), metrics=metrics,
+                                 complete=name == "final", precision=self.rt.precision, train_seconds=self.seconds,
+                                 # fp16: the loss scale and its growth counter, for an exact resume
+                                 grad_scaler=self.scaler.state_dict() if self.scaler is not None else None)
+        ckpt.save_checkpoint(self.out / name, tensors, info)
 
-    metrics_writer = MetricsWriter(out, start, enabled=rt.is_main)  # metrics.jsonl, metrics.csv, TensorBoard
-    history: list[dict[str, Any]] = []
+    @property
+    def seconds(self) -> float:
+        """Training time of all runs of this stage (not only the resumed part)."""
+        return self.prior_seconds + time.perf_counter() - self._t0
 
-    def record(row: dict[str, Any]) -> None:
-        history.append(row)
-        metrics_writer.write(row)
+    def close(self) -> None:
+        """Close the progress display and the metrics files (also after a failure)."""
+        if self.progress is not None:
+            self.progress.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
-    progress = Progress(total, start, stage, rt.is_main, cfg.log_every)
-    task.train()
-    t0 = time.perf_counter()
-    t_window, n_window = time.perf_counter(), 0
-    sums = None  # loss and its parts summed since the last log line (on the device: no sync per step)
-    last_good = start
-    step = start
-    try:
-        while step < total:
-            epoch, first = divmod(step, steps_per_epoch)
-            for images, labels in stream.epoch(epoch, first):
-                lr = schedule(step)
-                gen = step_generator(cfg.seed, step, rt.device)
-                loss, parts = train_step(task, opt, rt, images, labels, lr, gen, scaler)
-                values = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())])
-                sums = values if sums is None else sums + values
-                step += 1
-                n_window += images.shape[0] * rt.world_size
+    def finish(self) -> FitResult:
+        """final.* (the model at the last step, with the last logged row) once every step is done."""
+        seconds = self.seconds
+        last_row = self.history[-1] if self.history else self.resumed_row
+        self.save("final", last_row)
+        self.rt.barrier()
+        return FitResult(self.out, self.total, seconds, self.history, last_row)
 
-                epoch_end = step % steps_per_epoch == 0 or step == total
-                if step % cfg.log_every == 0 or epoch_end or step % cfg.checkpoint_every == 0:
-                    # means since the last log line of the global batch's values: the mean over processes
-                    # of their (equal-share) means
-                    logged = (all_reduce_mean(sums) / (step - last_good)).tolist()
-                    mean_loss = logged[0]
-                    if not math.isfinite(mean_loss):
-                        raise DivergenceError(f"{stage}: the loss became non-finite between steps {last_good} and {step}; "
-                                              + _divergence_advice(last))
-                    now = time.perf_counter()
-                    row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss, "lr": lr,
-                           "images_per_s": n_window / max(now - t_window, 1e-9)}
-                    row.update(zip(parts, logged[1:]))
-                    sums = None
-                    last_good, t_window, n_window = step, now, 0
-                    if epoch_end:
-                        row.update(task.on_epoch_end(step // steps_per_epoch))
-                        task.train()
-                    record(row)
-                    progress.update(step, {k: row[k] for k in ("epoch", "loss", "lr", "images_per_s") if k in row})
-                    if step % cfg.checkpoint_every == 0 or epoch_end:
-                        save("last", step, row)
-                else:
-                    progress.update(step, {})
-                if step >= total:
-                    break
-    finally:
-        progress.close()
-        metrics_writer.close()
-    seconds = prior_seconds + time.perf_counter() - t0  # all runs of this stage, not only the resumed part
-    save("final", total, history[-1] if history else resumed_row)
-    rt.barrier()
-    return FitResult(out, total, seconds, history, history[-1] if history else resumed_row)
+    def fit(self) -> FitResult:
+        self.resume()
+        try:
+            for images, labels in self.batches():
+                self.step(images, labels)
+                self.log()
+        finally:
+            self.close()
+        return self.finish()
+
+
+def fit(task: Task, cfg: RunConfig, rt: Runtime, data: ImageDataset, out_dir: str | Path, meta: ckpt.CheckpointMeta,
+        run=None) -> FitResult:
+    """Train ``task`` on ``data`` per ``cfg``, checkpoints in ``out_dir`` (last.*, final.*): :meth:`Trainer.fit`."""
+    return Trainer(task, cfg, rt, data, out_dir, meta, run).fit()
 
 
 # ------------------------------------------------------------------ evaluation helpers

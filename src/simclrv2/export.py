@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from simclrv2.checkpoint import atomic_path
 from simclrv2.errors import ConfigError
 
 OPSET = 17
@@ -63,28 +63,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int, in_c
     if image_size < 1 or in_channels < 1:
         raise ConfigError(f"export: image size {image_size} and {in_channels} channels; expected positive values")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     net = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     example = torch.rand(2, in_channels, image_size, image_size)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with torch.no_grad():
+    with atomic_path(path) as tmp, torch.no_grad():
+        try:
+            _legacy(net, example, str(tmp), opset)
+        except (TypeError, RuntimeError, NotImplementedError) as legacy_error:
             try:
-                _legacy(net, example, tmp, opset)
-            except (TypeError, RuntimeError, NotImplementedError) as legacy_error:
-                try:
-                    _dynamo(net, example, tmp, opset)
-                except ImportError as e:
-                    raise ConfigError(f"export: the legacy ONNX exporter failed ({_first_line(legacy_error)}) and the "
-                                      f"dynamo exporter needs onnxscript ({_first_line(e)}); pip install onnxscript") from None
-                except Exception as e:
-                    raise RuntimeError(f"ONNX export failed: legacy exporter: {_first_line(legacy_error)}; "
-                                       f"dynamo exporter: {_first_line(e)}") from e
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+                _dynamo(net, example, str(tmp), opset)
+            except ImportError as e:
+                raise ConfigError(f"export: the legacy ONNX exporter failed ({_first_line(legacy_error)}) and the "
+                                  f"dynamo exporter needs onnxscript ({_first_line(e)}); pip install onnxscript") from None
+            except Exception as e:
+                raise RuntimeError(f"ONNX export failed: legacy exporter: {_first_line(legacy_error)}; "
+                                   f"dynamo exporter: {_first_line(e)}") from e
     return path

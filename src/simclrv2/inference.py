@@ -32,7 +32,6 @@ from simclrv2.data.sources import IMAGE_EXTENSIONS, _walk_images, decode_image
 from simclrv2.errors import ConfigError, DataError
 from simclrv2.models.head import Classifier, SimCLRModel
 from simclrv2.runtime import Runtime, init_runtime, log
-from simclrv2.stages.common import load_model
 
 __all__ = ["collect_images", "embed", "export", "feature_function", "import_tf", "load_images", "paths_file", "predict"]
 
@@ -91,10 +90,10 @@ def load_images(paths: Sequence[str], image_size: int, channels: int = 3, worker
 # ------------------------------------------------------------------------------------------ models
 
 
-def feature_function(model: nn.Module, meta: dict[str, Any], head_layer: int | None = None) -> tuple[Callable, int]:
+def feature_function(model: nn.Module, head_layer: int | None = None, source: str = "checkpoint") -> tuple[Callable, int]:
     """(fn(model, x) -> features, layer): the encoder output or head layer k of a pretrained model
-    (default 0, the encoder), or for a classifier the features its fc sees (default) or an earlier layer."""
-    source = meta.get("_source", "checkpoint")
+    (default 0, the encoder), or for a classifier the features its fc sees (default) or an earlier layer.
+    ``source`` names the model in errors."""
     if isinstance(model, SimCLRModel):
         layers = len(model.head.layers)
         k = 0 if head_layer is None else head_layer
@@ -114,18 +113,17 @@ def feature_function(model: nn.Module, meta: dict[str, Any], head_layer: int | N
     raise ConfigError(f"{source}: cannot take features of a {type(model).__name__}")
 
 
-def _open(checkpoint: str | os.PathLike, kind: str | None, device: str, precision: str) -> tuple[nn.Module, dict, Runtime]:
-    model, meta = load_model(checkpoint, kind)
-    meta["_source"] = str(ckpt.resolve(checkpoint))
+def _open(checkpoint: str | os.PathLike, kind: str | None, device: str | None = None,
+          precision: str = "fp32") -> tuple[nn.Module, ckpt.CheckpointMeta, str, Runtime | None]:
+    """(model in eval mode, its metadata, its file's name, the runtime: None without ``device``)."""
+    model, meta = ckpt.load_model(checkpoint, kind)
+    source = str(ckpt.resolve(checkpoint))
+    if not meta.image_size:
+        raise ConfigError(f"{source}: checkpoint records no image_size")
+    if device is None:
+        return model.eval(), meta, source, None
     rt = init_runtime(device, precision)
-    return model.to(rt.device).eval(), meta, rt
-
-
-def _spec_image(meta: dict[str, Any]) -> tuple[int, int]:
-    size = meta.get("image_size")
-    if not size:
-        raise ConfigError(f"{meta.get('_source')}: checkpoint records no image_size")
-    return int(size), int(meta["model"].get("in_channels", 3))
+    return model.to(rt.device).eval(), meta, source, rt
 
 
 def _bar(total: int, desc: str):
@@ -177,13 +175,13 @@ def embed(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], ou
     next to it (``feats.paths.txt``). Returns features, paths, layer, checkpoint, out, paths_file.
     """
     paths = collect_images(images)
-    model, meta, rt = _open(checkpoint, None, device, precision)
-    fn, layer = feature_function(model, meta, head_layer)
-    size, channels = _spec_image(meta)
+    model, meta, source, rt = _open(checkpoint, None, device, precision)
+    fn, layer = feature_function(model, head_layer, source)
+    size, channels = meta.image_size, meta.model.in_channels
     feats = _run(model, fn, paths, size, channels, rt, batch_size, "embed",
-                 meta.get("bit_depth")).numpy().astype(np.float32, copy=False)
-    result: dict[str, Any] = {"features": feats, "paths": paths, "layer": layer, "checkpoint": meta["_source"],
-                              "kind": meta["model"]["kind"], "out": None, "paths_file": None}
+                 meta.bit_depth).numpy().astype(np.float32, copy=False)
+    result: dict[str, Any] = {"features": feats, "paths": paths, "layer": layer, "checkpoint": source,
+                              "kind": meta.model.kind, "out": None, "paths_file": None}
     if out is not None:
         buf = io.BytesIO()
         np.save(buf, feats)
@@ -203,11 +201,11 @@ def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], 
     class, probability, top5, the latter as ``name:p;name:p;...``, best first).
     """
     paths = collect_images(images)
-    model, meta, rt = _open(checkpoint, "classifier", device, precision)
-    size, channels = _spec_image(meta)
-    logits = _run(model, lambda m, x: m(x), paths, size, channels, rt, batch_size, "predict", meta.get("bit_depth"))
+    model, meta, source, rt = _open(checkpoint, "classifier", device, precision)
+    size, channels = meta.image_size, meta.model.in_channels
+    logits = _run(model, lambda m, x: m(x), paths, size, channels, rt, batch_size, "predict", meta.bit_depth)
     probs = logits.softmax(dim=1)
-    classes = list(meta.get("classes") or [str(i) for i in range(probs.shape[1])])
+    classes = list(meta.classes or [str(i) for i in range(probs.shape[1])])
     k = min(top_k, probs.shape[1])
     top_p, top_i = probs.topk(k, dim=1)
     rows = []
@@ -215,7 +213,7 @@ def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], 
         rows.append({"path": path, "class": classes[idx[0]], "probability": f"{ps[0]:.6f}",
                      "top5": ";".join(f"{classes[i]}:{p:.4f}" for i, p in zip(idx, ps))})
     result = {"paths": paths, "classes": classes, "probabilities": probs.numpy(), "predicted": top_i[:, 0].numpy(),
-              "rows": rows, "checkpoint": meta["_source"], "out": None}
+              "rows": rows, "checkpoint": source, "out": None}
     if out is not None:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=["path", "class", "probability", "top5"], lineterminator="\n")
@@ -233,18 +231,17 @@ def export(checkpoint: str | os.PathLike, onnx: str | os.PathLike) -> dict[str, 
     logits [B, classes]; the class names go to ``<onnx stem>.classes.txt``, one per line."""
     from simclrv2.export import export_onnx
 
-    model, meta = load_model(checkpoint, "classifier")
-    meta["_source"] = str(ckpt.resolve(checkpoint))
-    size, channels = _spec_image(meta)
+    model, meta, source, _ = _open(checkpoint, "classifier")
+    size, channels = meta.image_size, meta.model.in_channels
     path = export_onnx(model, onnx, size, channels)
-    classes = list(meta.get("classes") or [])
+    classes = list(meta.classes or [])
     names = path.with_name(path.stem + ".classes.txt")
     if classes:
         ckpt.atomic_write_text(names, "".join(c + "\n" for c in classes))
-    log.info(f"export: {meta['_source']} -> {path}")
-    return {"onnx": str(path), "checkpoint": meta["_source"], "image_size": size, "in_channels": channels,
+    log.info(f"export: {source} -> {path}")
+    return {"onnx": str(path), "checkpoint": source, "image_size": size, "in_channels": channels,
             "input": "images float32 [batch, %d, %d, %d] in [0, 1]" % (channels, size, size),
-            "output": f"logits float32 [batch, {len(classes) or meta['model'].get('num_classes')}]",
+            "output": f"logits float32 [batch, {len(classes) or meta.model.num_classes}]",
             "classes_file": str(names) if classes else None}
 
 
@@ -254,7 +251,8 @@ def import_tf(checkpoint: str | os.PathLike, out: str | os.PathLike, kind: str |
     from simclrv2 import tf_import
 
     meta = tf_import.import_tf(checkpoint, out, kind, head_layer, ema, image_size)
-    c = meta["config"]
-    return {"out": str(Path(out) / "final.safetensors"), "kind": meta["kind"], "depth": c["depth"], "width": c["width"],
-            "sk": c["sk"], "head_layers": c["head_layers"], "head_layer": c["head_layer"], "num_classes": c["num_classes"],
-            "image_size": meta["image_size"], "unused_variables": meta["metadata"].get("unused_count")}
+    spec = meta.model
+    return {"out": str(Path(out) / "final.safetensors"), "kind": spec.kind, "depth": spec.depth, "width": spec.width,
+            "sk": spec.selective_kernel, "head_layers": spec.head_layers,
+            "head_layer": spec.head_layer if spec.kind == "classifier" else None, "num_classes": spec.num_classes,
+            "image_size": meta.image_size, "unused_variables": meta.imported["unused_count"]}

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from simclrv2.distributed import gather_with_grad
 from simclrv2.errors import ConfigError
 from simclrv2.runtime import ieee_fp32_matmul
-
-
-def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All ranks' ``x`` concatenated along dim 0 (gradients flow back to each rank's own slice),
-    and the offset of this rank's slice. Without an initialised process group: ``(x, 0)``."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    from simclrv2.distributed import all_gather_grad
-
-    return all_gather_grad(x), dist.get_rank() * x.shape[0]
 
 
 class NTXentLoss(nn.Module):

@@ -20,6 +20,7 @@ uninterrupted run.
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import math
@@ -36,8 +37,8 @@ EVAL_KEYS = ("knn", "top1", "top5")
 
 def tensorboard_available() -> bool:
     try:
-        import tensorboard  # noqa: F401
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        importlib.import_module("tensorboard")
+        importlib.import_module("torch.utils.tensorboard")
     except Exception:  # noqa: BLE001 - missing package, or a broken install: TensorBoard is optional
         return False
     return True

@@ -11,8 +11,8 @@ result is in OUT.
 from __future__ import annotations
 
 import json
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,10 @@ import yaml
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.config import FOLDER_OPTIONS, check_preset, flag, load_preset, make_config, resolve_layout
+from simclrv2.distributed import is_main_process
 from simclrv2.errors import ConfigError
-from simclrv2.report import model_name, pipeline_feature_map, write_report
+from simclrv2.feature_map import pipeline_feature_map
+from simclrv2.report import model_name, write_report
 from simclrv2.runtime import log
 
 MODEL_KEYS = ("depth", "width", "sk")
@@ -74,7 +76,7 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
         folders = {"unlabeled_dir": unlabeled_dir, "labeled_dir": labeled_dir, "test_dir": test_dir}
         return _run_pipeline(preset_name, out, dataset, data_dir, label_fractions, overrides, device, stages, folders)
     except BaseException:
-        if int(os.environ.get("RANK", "0")) == 0 and not had_yaml and path.is_dir() \
+        if is_main_process() and not had_yaml and path.is_dir() \
                 and not any(p.is_dir() for p in path.iterdir()):
             (path / "pipeline.yaml").unlink(missing_ok=True)
             for d in created:
@@ -85,20 +87,84 @@ def run_pipeline(preset_name: str, out: str | Path, dataset: str | None = None, 
         raise
 
 
+@dataclass
+class Node:
+    """One stage run of the pipeline: its validated config (``config.out`` is its directory), the
+    nodes whose finished output it reads, and how the report lists it (None: not a report row)."""
+
+    stage: str  # the stage function: one of STAGES
+    config: Any  # the stage's RunConfig
+    needs: tuple[str, ...] = ()  # directories of the nodes it starts from
+    row: tuple[str, str | None] | None = None  # (report stage name, variant)
+    fraction: float | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+
+def plan(preset: dict[str, Any], fractions: list[float], out: Path) -> list[Node]:
+    """The stage graph, in the order it runs: one pretraining, then per label fraction the supervised
+    baseline, linear evaluation, fine-tuning (once per head layer; the first is the teacher),
+    self-distillation and, when the preset names a student, big-to-small distillation. Every
+    stage's config is built here, so a bad option fails before any work starts."""
+    model = preset.get("model") or {}
+    student = preset.get("student")
+    unknown = set(model) - set(MODEL_KEYS) | (set(student or {}) - set(MODEL_KEYS))
+    if unknown:
+        raise ConfigError(f"preset model/student: unknown keys {sorted(unknown)}; expected {MODEL_KEYS}")
+    init = preset.get("distill_init", "none")
+    if init not in ("none", "teacher", "pretrained"):
+        raise ConfigError(f"preset distill_init must be none, teacher or pretrained; got {init!r}")
+    head_layers = preset.get("finetune_head_layers") or [None]
+    by_fraction = {float(k): v for k, v in (preset.get("fractions") or {}).items()}
+
+    def cfg(stage: str, section: str | None = None, **kw):
+        """A stage's config: preset section (+ its variant section, + per-fraction overrides) + kw."""
+        # (the graph makes the pipeline-level choices itself: per node, not per stage kind)
+        values = {k: v for k, v in preset.items() if k not in ("fractions", "distill_init", "finetune_head_layers")}
+        merged = dict(preset.get(stage) or {})
+        if section and section != stage:
+            merged.update(preset.get(section) or {})
+        merged.update((by_fraction.get(kw.get("label_fraction")) or {}).get(section or stage) or {})
+        values[stage] = merged
+        return make_config(stage, values, **kw)
+
+    pre = str(out / "pretrain")
+    nodes = [Node("pretrain", cfg("pretrain", out=pre, label_fraction=min(fractions), **model))]
+    for f in fractions:
+        fdir = out / f"labels_{f:g}"
+        nodes.append(Node("supervised", cfg("supervised", out=str(fdir / "supervised"), label_fraction=f, **model),
+                          row=("supervised", None), fraction=f))
+        nodes.append(Node("linear_eval", cfg("linear_eval", out=str(fdir / "linear_eval"), pretrained=pre, label_fraction=f),
+                          needs=(pre,), row=("pretrain_linear", None), fraction=f))
+        for k in head_layers:
+            name = "finetune" if k is None or k == head_layers[0] else f"finetune_head{k}"
+            nodes.append(Node("finetune", cfg("finetune", out=str(fdir / name), pretrained=pre, label_fraction=f,
+                                              head_layer=k), needs=(pre,), row=("finetune", "head layer"), fraction=f))
+        teacher = str(fdir / "finetune")  # the first head layer's fine-tuned model
+        init_from = {"none": None, "teacher": teacher, "pretrained": pre}[init]
+        self_dir = str(fdir / "distill_self")
+        nodes.append(Node("distill", cfg("distill", out=self_dir, teacher=teacher, label_fraction=f, init_from=init_from),
+                          needs=(teacher,), row=("distill", "self"), fraction=f))
+        if student:  # the small student learns from the self-distilled model
+            nodes.append(Node("distill", cfg("distill", "distill_small", out=str(fdir / "distill_small"), teacher=self_dir,
+                                             label_fraction=f, **student), needs=(self_dir,), row=("distill", "big-to-small"),
+                              fraction=f))
+    return nodes
+
+
 def _run_pipeline(preset_name: str, out: str | Path, dataset: str | None, data_dir: str | None,
                   label_fractions: list[float] | None, overrides: dict[str, Any] | None, device: str | None,
                   stages: list[str] | None, folders: dict[str, str | None]) -> dict[str, Any]:
-    from simclrv2.stages import distill, finetune, linear_eval, pretrain, supervised
+    from simclrv2 import stages as stage_functions
     from simclrv2.stages.common import stage_done
 
     check_preset(overrides or {}, "--set")
     preset = merge(load_preset(preset_name), overrides or {})
-    if dataset:
-        preset["dataset"] = dataset
-    if data_dir:
-        preset["data_dir"] = data_dir
-    if device:
-        preset["device"] = device
+    for key, value in (("dataset", dataset), ("data_dir", data_dir), ("device", device)):
+        if value:
+            preset[key] = value
     preset.update({k: str(v) for k, v in folders.items() if v})
     if any(preset.get(k) for k in FOLDER_OPTIONS):  # your own folders: the recipe needs labels and test images
         resolve_layout(dict(preset), {"dataset": dataset})  # (an explicit other --dataset / --data-dir is an error)
@@ -118,130 +184,81 @@ def _run_pipeline(preset_name: str, out: str | Path, dataset: str | None, data_d
     unknown = sorted(set(selected) - set(STAGES))
     if unknown:
         raise ConfigError(f"--stages: unknown {unknown}; expected some of {', '.join(STAGES)}")
-    model = preset.get("model") or {}
-
-    student = preset.get("student")
-    unknown = set(model) - set(MODEL_KEYS) | (set(student or {}) - set(MODEL_KEYS))
-    if unknown:
-        raise ConfigError(f"preset model/student: unknown keys {sorted(unknown)}; expected {MODEL_KEYS}")
     out = Path(out)
-    head_layers = preset.get("finetune_head_layers") or [None]
-
-    by_fraction = {float(k): v for k, v in (preset.get("fractions") or {}).items()}
-    init = preset.get("distill_init", "none")
-    if init not in ("none", "teacher", "pretrained"):
-        raise ConfigError(f"preset distill_init must be none, teacher or pretrained; got {init!r}")
-
-    def cfg(stage: str, section: str | None = None, **kw):
-        """A stage's config: preset section (+ its variant section, + per-fraction overrides) + kw."""
-        values = dict(preset)
-        merged = dict(preset.get(stage) or {})
-        if section and section != stage:
-            merged.update(preset.get(section) or {})
-        fraction = kw.get("label_fraction")
-        merged.update((by_fraction.get(fraction) or {}).get(section or stage) or {})
-        values[stage] = merged
-        # (the stage itself reuses its run when finished in an earlier run with the same options, and continues it
-        # from its last checkpoint, or its final one when stopped before storing the result, when interrupted)
-        return make_config(stage, values, **kw)
-
-    # Validate every stage's options before any work starts.
-    first = fractions[0]
-    configs = [cfg("pretrain", out=str(out / "pretrain"), label_fraction=min(fractions), **model),
-               cfg("supervised", out="x", label_fraction=first, **model),
-               cfg("finetune", out="x", pretrained="x", label_fraction=first),
-               cfg("distill", out="x", teacher="x", label_fraction=first),
-               cfg("linear_eval", out="x", pretrained="x", label_fraction=first)]
-    if student:
-        configs.append(cfg("distill", "distill_small", out="x", teacher="x", label_fraction=first, **student))
-    resolved = {"preset": preset_name, "label_fractions": fractions, **preset}
-    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes files
+    graph = plan(preset, fractions, out)
+    main = is_main_process()  # under torchrun only rank 0 writes files
     if main:
+        resolved = {"preset": preset_name, "label_fractions": fractions, **preset}
         ckpt.atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
-    started = time.perf_counter()
-    results: list[dict[str, Any]] = []
-    curves: dict[str, str] = {}
-    missing: list[str] = []
-
-    def run(stage: str, fn, config, needs: Path | None = None) -> dict[str, Any] | None:
-        """The stage's result: trained (selected), reused (finished in OUT), or None (skipped)."""
-        stage_dir = Path(config.out)
-        if stage not in selected:
-            done = stage_done(stage_dir)
-            if done is None:
-                missing.append(str(stage_dir))
-                return None
-            return done["result"]
-        if needs is not None and stage_done(needs) is None:
-            raise ConfigError(f"--stages {stage}: needs the finished {NEEDS[stage]} stage in {needs}; "
-                              f"run the pipeline with --stages {NEEDS[stage]} first (same --out)")
-        try:
-            return fn(config)
-        except ConfigError as e:
-            if "--restart" not in str(e):
-                raise
-            # a stage directory holding a run with other options: the pipeline's spelling of the stage's flags
-            flags = " or ".join(f"--set {stage}.{f}=true" for f in ("resume", "restart") if f"--{f}" in str(e))
-            raise ConfigError(f"{e} (in a pipeline: {flags})") from None
-
-    def add(stage: str, res: dict[str, Any] | None, stage_dir: Path, fraction: float, variant: str | None = None):
-        if res is None:
-            return
-        meta = ckpt.read_meta(stage_dir / "final.safetensors")
-        row = {"stage": stage, "model": model_name(meta["model"]), "params": int(res["params"]),
-               "label_fraction": float(fraction), "top1": float(res["top1"]), "top5": float(res["top5"]),
-               "seconds": float(res["seconds"])}
-        if variant:
-            row["variant"] = variant
-        results.append(row)
-        curves[f"{stage}{'-' + variant if variant else ''} @ {fraction:g}"] = str(stage_dir / "metrics.jsonl")
-
     log.info(f"pipeline: {preset.get('dataset', 'fashion-mnist')}, label fractions {fractions}, preset {preset_name}")
-    pre_cfg = configs[0]
-    pre = run("pretrain", pretrain, pre_cfg)
-    curves["pretrain"] = str(out / "pretrain" / "metrics.jsonl")
-    for f in fractions:
-        fdir = out / f"labels_{f:g}"
-        sup_dir = fdir / "supervised"
-        add("supervised", run("supervised", supervised, cfg("supervised", out=str(sup_dir), label_fraction=f, **model)),
-            sup_dir, f)
-        lin_dir = fdir / "linear_eval"
-        add("pretrain_linear", run("linear_eval", linear_eval, cfg("linear_eval", out=str(lin_dir),
-                                   pretrained=str(out / "pretrain"), label_fraction=f), out / "pretrain"), lin_dir, f)
-        teacher_dir = None
-        for k in head_layers:
-            name = "finetune" if k is None or k == head_layers[0] else f"finetune_head{k}"
-            ft_dir = fdir / name
-            res = run("finetune", finetune, cfg("finetune", out=str(ft_dir), pretrained=str(out / "pretrain"),
-                                                label_fraction=f, head_layer=k), out / "pretrain")
-            if res is not None:
-                layer = ckpt.read_meta(ft_dir / "final.safetensors")["model"]["head_layer"]
-                add("finetune", res, ft_dir, f, variant=f"head layer {layer}")
-            teacher_dir = teacher_dir or ft_dir
-        self_dir = fdir / "distill_self"
-        init_from = {"none": None, "teacher": str(teacher_dir), "pretrained": str(out / "pretrain")}[init]
-        add("distill", run("distill", distill, cfg("distill", out=str(self_dir), teacher=str(teacher_dir),
-                                                   label_fraction=f, init_from=init_from), teacher_dir),
-            self_dir, f, variant="self")
-        if student:
-            small_dir = fdir / "distill_small"
-            # the small student learns from the self-distilled model
-            add("distill", run("distill", distill, cfg("distill", "distill_small", out=str(small_dir),
-                                                       teacher=str(self_dir), label_fraction=f, **student)),
-                small_dir, f, variant="big-to-small")
-
+    started = time.perf_counter()
+    results: dict[Path, dict[str, Any]] = {}
+    missing: list[str] = []
+    for node in graph:
+        res = _run_node(node, node.stage in selected, getattr(stage_functions, node.stage), stage_done)
+        if res is None:
+            missing.append(str(node.out))
+        else:
+            results[node.out] = res
     if missing:
         log.info(f"pipeline: report not written: {len(missing)} stage(s) not finished yet ({', '.join(missing)})")
-        return {"out": str(out), "stages": selected, "results": results, "not_finished": missing}
+        rows = [_row(n, results[n.out]) for n in graph if n.row and n.out in results]
+        return {"out": str(out), "stages": selected, "results": rows, "not_finished": missing}
 
-    report = {"dataset": pre_cfg.dataset, "preset": str(preset_name), "results": results,
-              "pretrain": {"model": model_name(ckpt.read_meta(out / "pretrain" / "final.safetensors")["model"]),
+    pre_node = graph[0]
+    pre = results[pre_node.out]
+    report = {"dataset": pre_node.config.dataset, "preset": str(preset_name),
+              "results": [_row(n, results[n.out]) for n in graph if n.row],
+              "pretrain": {"model": model_name(ckpt.read_meta(pre_node.out / "final.safetensors").model),
                            "knn_top1": pre.get("knn"), "seconds": pre.get("seconds"), "params": pre.get("params")},
               "total_seconds": time.perf_counter() - started}
-    # a 2-D map (t-SNE) of the final self-distilled model's test-set features, coloured by class (rank 0 only)
+    curves = {"pretrain": str(pre_node.out / "metrics.jsonl")}
+    for n in graph:
+        if n.row:
+            variant = _variant(n)
+            curves[f"{n.row[0]}{'-' + variant if variant else ''} @ {n.fraction:g}"] = str(n.out / "metrics.jsonl")
     if main:
-        report["feature_map"] = pipeline_feature_map(out, self_dir, pre_cfg.dataset, pre_cfg.data_dir)
+        # a 2-D map (t-SNE) of the last self-distilled model's test-set features, coloured by class
+        last_self = [n for n in graph if n.row == ("distill", "self")][-1]
+        report["feature_map"] = pipeline_feature_map(out, last_self.out, pre_node.config.dataset, pre_node.config.data_dir)
         write_report(out, report, curves)
     log.info(f"pipeline: report written to {out / 'report.md'}")
     return json.loads(json.dumps(report))
+
+
+def _run_node(node: Node, selected: bool, fn, stage_done) -> dict[str, Any] | None:
+    """The node's result: trained (its stage selected), reused (finished in its directory), or None."""
+    if not selected:
+        done = stage_done(node.out)
+        return None if done is None else done.result
+    for need in node.needs:
+        if stage_done(Path(need)) is None:
+            raise ConfigError(f"--stages {node.stage}: needs the finished {NEEDS[node.stage]} stage in {need}; "
+                              f"run the pipeline with --stages {NEEDS[node.stage]} first (same --out)")
+    try:
+        return fn(node.config)
+    except ConfigError as e:
+        if "--restart" not in str(e):
+            raise
+        # a stage directory holding a run with other options: the pipeline's spelling of the stage's flags
+        flags = " or ".join(f"--set {node.stage}.{f}=true" for f in ("resume", "restart") if f"--{f}" in str(e))
+        raise ConfigError(f"{e} (in a pipeline: {flags})") from None
+
+
+def _variant(node: Node) -> str | None:
+    variant = node.row[1]
+    if variant == "head layer":  # the layer the stage resolved (a default depends on the label fraction)
+        return f"head layer {ckpt.read_meta(node.out / 'final.safetensors').model.head_layer}"
+    return variant
+
+
+def _row(node: Node, res: dict[str, Any]) -> dict[str, Any]:
+    meta = ckpt.read_meta(node.out / "final.safetensors")
+    row = {"stage": node.row[0], "model": model_name(meta.model), "params": int(res["params"]),
+           "label_fraction": float(node.fraction), "top1": float(res["top1"]), "top5": float(res["top5"]),
+           "seconds": float(res["seconds"])}
+    variant = _variant(node)
+    if variant:
+        row["variant"] = variant
+    return row

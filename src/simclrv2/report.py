@@ -1,4 +1,7 @@
-"""The pipeline report: report.json, report.md (a table in the paper's style) and PNG plots."""
+"""The pipeline report: report.json, report.md (a table in the paper's style) and PNG plots.
+
+A renderer of results, metrics files and 2-D feature coordinates: it runs no models
+(:mod:`simclrv2.feature_map` computes the map it draws)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from simclrv2.checkpoint import atomic_write_text
+from simclrv2.models.spec import ModelSpec
 
 STAGE_NAMES = {
     "supervised": "Supervised baseline",
@@ -16,10 +20,8 @@ STAGE_NAMES = {
 }
 
 
-def model_name(spec: dict[str, Any]) -> str:
-    w = spec["width"]
-    width = f"{w:g}x"
-    return f"ResNet-{spec['depth']} ({width}{'+SK' if spec.get('sk') else ''})"
+def model_name(spec: ModelSpec) -> str:
+    return f"ResNet-{spec.depth} ({spec.width:g}x{'+SK' if spec.selective_kernel else ''})"
 
 
 def _fmt_time(seconds: float) -> str:
@@ -201,14 +203,6 @@ def _plot_curves(path: Path, curves: dict[str, str]) -> bool:
 
 # ------------------------------------------------------------------ feature map
 
-def _umap_available() -> bool:
-    try:
-        import umap
-    except Exception:  # noqa: BLE001 - optional, and its import can fail in many ways (numba)
-        return False
-    return hasattr(umap, "UMAP")  # not a leftover namespace folder of an uninstalled package
-
-
 def _class_colors(n: int):
     import matplotlib
 
@@ -217,31 +211,6 @@ def _class_colors(n: int):
     if n <= 20:
         return [matplotlib.colormaps["tab20"](i) for i in range(n)]
     return [matplotlib.colormaps["turbo"](i / max(1, n - 1)) for i in range(n)]
-
-
-def embed_2d(features, seed: int = 0, method: str = "t-SNE"):
-    """[N, D] features -> [N, 2]: cosine geometry (L2-normalised), PCA to <= 50 dims, then t-SNE or UMAP."""
-    import numpy as np
-    from sklearn.decomposition import PCA
-
-    x = np.asarray(features, dtype=np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    if x.shape[1] > 50 and x.shape[0] > 50:
-        x = PCA(50, random_state=seed).fit_transform(x)
-    n = x.shape[0]
-    if method == "UMAP":
-        import umap
-
-        return umap.UMAP(n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1).fit_transform(x)
-    from sklearn.manifold import TSNE
-    from threadpoolctl import threadpool_limits
-
-    perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
-    tsne = TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
-    # one OpenMP thread: scikit-learn's OpenMP runtime spin-waits next to torch's, and a few thousand
-    # points take seconds on one core but can take minutes with oversubscribed threads
-    with threadpool_limits(1, user_api="openmp"):
-        return tsne.fit_transform(x)
 
 
 def plot_feature_map(path: Path, maps: dict[str, Any], labels, classes: list[str], title: str) -> None:
@@ -274,90 +243,3 @@ def plot_feature_map(path: Path, maps: dict[str, Any], labels, classes: list[str
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     _savefig(fig, path)
     plt.close(fig)
-
-
-def feature_map(out: str | Path, checkpoint: str | Path, dataset: str | None = None, data_dir: str | None = None,
-                max_images: int = 2000, seed: int = 0, png: str = "feature_map.png") -> dict[str, Any] | None:
-    """OUT/feature_map.png: a 2-D map (t-SNE; also UMAP when ``umap-learn`` is installed) of the features of
-    up to ``max_images`` test images (a seeded, class-stratified sample) from ``checkpoint``, coloured by class.
-
-    The features are those a classifier's fc sees (the encoder output of a pretrained model), taken as
-    ``simclrv2 evaluate`` does. Returns the map's description for report.json (None under torchrun on a
-    rank other than 0). A map already made from the same checkpoint file is reused.
-    """
-    import os
-
-    if int(os.environ.get("RANK", "0")) != 0:
-        return None
-    import numpy as np
-    import torch
-
-    from simclrv2.checkpoint import resolve
-    from simclrv2.data import load_dataset, subset
-    from simclrv2.data.augment import EvalTransform
-    from simclrv2.data.folders import folder_dataset
-    from simclrv2.engine import predict
-    from simclrv2.inference import feature_function
-    from simclrv2.runtime import Runtime
-    from simclrv2.stages.common import load_model
-
-    out = Path(out)
-    source = resolve(checkpoint)
-    model, meta = load_model(source)
-    meta["_source"] = str(source)
-    stat = source.stat()
-    methods = ["t-SNE"] + (["UMAP"] if _umap_available() else [])
-    key = {"checkpoint": str(source), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "max_images": max_images,
-           "seed": seed, "methods": methods, "dataset": dataset or meta.get("dataset")}
-    cache = out / (Path(png).stem + ".json")
-    if (out / png).exists() and cache.exists():
-        try:
-            saved = json.loads(cache.read_text())
-        except json.JSONDecodeError:
-            saved = {}
-        if saved.get("key") == key:
-            return saved["info"]
-
-    if key["dataset"] == "imagefolder":  # decoded as the run decoded them, from its own folders unless data_dir
-        run_config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-        config = run_config if data_dir is None and run_config else {"data_dir": data_dir,
-                                                                      "decode_scale": run_config.get("decode_scale")}
-        test = folder_dataset(config, "test", meta.get("image_size"), meta["model"]["in_channels"], meta.get("bit_depth"))
-    else:
-        test = load_dataset(key["dataset"], "test", data_dir, meta.get("image_size"))
-    n = len(test)
-    if n > max_images:  # stratified: every class keeps its share
-        rng = np.random.default_rng(seed)
-        idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(test.labels == c))[: int(round(max_images * np.mean(test.labels == c)))]
-                                      for c in np.unique(test.labels)]))[:max_images]
-        test = subset(test, idx)
-    fn, layer = feature_function(model, meta)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    feats, labels = predict(model.to(device), test, Runtime(device, None), EvalTransform(meta.get("image_size") or test.image_size),
-                            500, fn=fn)
-    maps = {m: embed_2d(feats.numpy(), seed, m) for m in methods}
-    spec = meta["model"]
-    stage = meta.get("stage", "")
-    what = {"distill": "self-distilled" if meta.get("self_distillation") else "distilled", "finetune": "fine-tuned",
-            "supervised": "supervised", "linear_eval": "linear-eval", "pretrain": "pretrained",
-            "import-tf": "imported"}.get(stage, stage or spec["kind"])
-    layer_name = ("features before the classifier's fc" if spec["kind"] == "classifier" else "encoder output") + \
-        (f", head layer {layer}" if layer else "")
-    info = {"png": png, "methods": methods, "images": int(len(test)), "dataset": test.name, "layer": layer_name,
-            "model": f"{what} {model_name(spec)}", "checkpoint": str(source)}
-    plot_feature_map(out / png, maps, labels.numpy(), list(test.classes),
-                     f"{test.name} test set: {info['model']} features ({len(test)} images)")
-    atomic_write_text(cache, json.dumps({"key": key, "info": info}, indent=2) + "\n")
-    return info
-
-
-def pipeline_feature_map(out: str | Path, checkpoint: str | Path, dataset: str | None = None,
-                         data_dir: str | None = None) -> dict[str, Any] | None:
-    """:func:`feature_map` for the pipeline's report: a failure is a warning, never the end of a finished run."""
-    from simclrv2.runtime import log
-
-    try:
-        return feature_map(out, checkpoint, dataset, data_dir)
-    except Exception as e:  # noqa: BLE001 - the stages are done; the report goes on without the map
-        log.warning(f"pipeline: no feature map ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
-        return None

@@ -186,7 +186,7 @@ def decide(out: Path, stage: str, cfg: RunConfig) -> Decision:
     hint = "; --restart replaces it"
     try:
         meta = ckpt.read_meta(final) if final.exists() else None
-        finished = bool(meta and meta.get("complete") and "result" in meta)
+        finished = bool(meta and meta.complete and meta.result is not None)
         source = final if finished else last if last.exists() else final if meta is not None else None
         if source is last:
             meta = ckpt.read_meta(last)
@@ -194,11 +194,11 @@ def decide(out: Path, stage: str, cfg: RunConfig) -> Decision:
         raise CheckpointError(f"{e}{hint}") from None
     if source is None:
         return Decision("fresh")
-    what = "a finished" if finished else f"an interrupted (step {meta.get('step', '?')} of {meta.get('total_steps', '?')})"
-    held = f"--out {out} holds {what} {_stage_name(meta.get('stage'))} run"
-    if meta.get("stage") != stage:
+    what = "a finished" if finished else f"an interrupted (step {meta.step} of {meta.total_steps})"
+    held = f"--out {out} holds {what} {_stage_name(meta.stage)} run"
+    if meta.stage != stage:
         raise ConfigError(f"{held}, not a {_stage_name(stage)} run: use another --out, or --restart to replace it")
-    diff = config_difference(meta.get("config") or {}, cfg)
+    diff = config_difference(meta.config, cfg)
     if diff is not None:
         name, old, new = diff
         flag = "--" + name.replace("_", "-")
@@ -210,7 +210,7 @@ def decide(out: Path, stage: str, cfg: RunConfig) -> Decision:
                               "or use another --out")
         log.warning(f"{stage}: continuing {source} with other options than it was started with ({flag} {show(old)} -> {show(new)})")
     if finished:
-        return Decision("reuse", result=meta["result"])
+        return Decision("reuse", result=meta.result)
     return Decision("continue", source=str(source))
 
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import sys
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
+from simclrv2 import distributed
 from simclrv2.config import DIST_TIMEOUT_S, PRECISIONS
 from simclrv2.errors import ConfigError
 
@@ -71,8 +69,7 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type)
 
     def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
+        distributed.barrier()
 
 
 def cuda_bf16_native(device: torch.device) -> bool:
@@ -180,20 +177,16 @@ def init_runtime(device: str = "auto", precision: str = "auto", tf32: bool | Non
     ``tf32`` (CUDA): None = on unless ``precision`` is fp32 (fp32 asked for is IEEE fp32);
     ``dist_timeout``: seconds a collective may wait before the process group fails.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    launched = "LOCAL_RANK" in os.environ  # torchrun (any number of processes)
+    rank, world_size, local_rank, launched = distributed.launch_env()
     dev = resolve_device(device, local_rank, launched, world_size)
     chosen = resolve_precision(precision, dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         set_tf32(tf32 if tf32 is not None else precision != "fp32")
         torch.backends.cudnn.benchmark = True
-    if world_size > 1 and not dist.is_initialized():
-        if not dist_timeout > 0:
-            raise ConfigError(f"--dist-timeout must be > 0 seconds, got {dist_timeout}")
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=dist_timeout))
+    if world_size > 1 and not dist_timeout > 0:
+        raise ConfigError(f"--dist-timeout must be > 0 seconds, got {dist_timeout}")
+    distributed.init_process_group(dev, dist_timeout)
     if rank != 0:  # one voice: the other processes log warnings and errors only
         log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[chosen]

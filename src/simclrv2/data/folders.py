@@ -147,12 +147,12 @@ def _inherit(source: str, cfg, size: int, channels: int, bits: int) -> tuple[int
     from simclrv2.checkpoint import read_meta
 
     meta = read_meta(source)
-    if cfg.image_size is None and meta.get("image_size"):
-        size = int(meta["image_size"])
-    channels = int((meta.get("model") or {}).get("in_channels", channels))
-    if str(cfg.bit_depth) == "auto" and meta.get("bit_depth"):
-        bits = int(meta["bit_depth"])
-    return size, channels, bits, [str(c) for c in meta.get("classes") or []]
+    if cfg.image_size is None and meta.image_size:
+        size = int(meta.image_size)
+    channels = int(meta.model.in_channels)
+    if str(cfg.bit_depth) == "auto" and meta.bit_depth:
+        bits = int(meta.bit_depth)
+    return size, channels, bits, list(meta.classes or [])
 
 
 def auto_image_size(summary: FolderSummary) -> int:

@@ -123,10 +123,6 @@ class ImageDataset(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def verify(self, skip_bad: bool = False) -> list[str]:
-        """Check that every image can be read. In-memory datasets are always fine: returns []."""
-        return []
-
     def __repr__(self) -> str:
         size = f"{self.image_size}x{self.image_size}" if self.image_size else "?"
         return (
@@ -922,29 +918,6 @@ class ImageFolderDataset(ImageDataset):
         state["_images"] = None
         return state
 
-    def verify(self, skip_bad: bool = False) -> list[str]:
-        """Decode every image. Returns the ids of unreadable ones; with ``skip_bad`` they are
-        dropped from the dataset, otherwise a DataError names the first (and the count)."""
-        bad = []
-        for i in range(len(self)):
-            try:
-                self.decode(i)
-            except DataError:
-                bad.append(i)
-        if bad and not skip_bad:
-            raise DataError(
-                f"{len(bad)} unreadable image(s) in {self.root}, first: {self.path(bad[0])} "
-                f"(fix or remove them, or skip them with skip_bad)"
-            )
-        bad_ids = [self.ids[i] for i in bad]
-        if bad:
-            keep = np.setdiff1d(np.arange(len(self)), np.asarray(bad))
-            self.ids = [self.ids[i] for i in keep]
-            self.labels = self.labels[keep]
-            if not self.ids:
-                raise DataError(f"the {self.split} split of image folder {self.root} has no readable images")
-        return bad_ids
-
 
 class _Decoder(torch.utils.data.Dataset):
     """Image i of a folder, decoded (for load_into_memory's workers)."""
@@ -999,25 +972,6 @@ class SubsetDataset(ImageDataset):
         images, _ = self.base.get_batch(self.indices[idx])
         return images, torch.from_numpy(self.labels[idx])
 
-    def verify(self, skip_bad: bool = False) -> list[str]:
-        if isinstance(self.base, ImageFolderDataset):
-            bad = []
-            for i in range(len(self)):
-                try:
-                    self[i]
-                except DataError as e:
-                    if not skip_bad:
-                        raise DataError(f"unreadable image in {self.name} {self.split}: {_one_line(e)}") from None
-                    bad.append(i)
-            if bad:
-                keep = np.setdiff1d(np.arange(len(self)), np.asarray(bad))
-                bad_ids = [self.ids[i] for i in bad]
-                self.indices, self.labels = self.indices[keep], self.labels[keep]
-                self.ids = [self.ids[i] for i in keep]
-                return bad_ids
-            return []
-        return self.base.verify(skip_bad)
-
 
 class ConcatImageDataset(ImageDataset):
     """Several datasets (same channels, image size and classes) read as one."""
@@ -1060,12 +1014,6 @@ class ConcatImageDataset(ImageDataset):
                 out = torch.empty((len(idx),) + tuple(imgs.shape[1:]), dtype=torch.uint8)
             out[torch.from_numpy(pos)] = imgs
         return out, torch.from_numpy(self.labels[idx])
-
-    def verify(self, skip_bad: bool = False) -> list[str]:
-        bad = [b for d in self.datasets for b in d.verify(skip_bad)]
-        if bad:  # members may have shrunk: rebuild the index
-            self.__init__(self.datasets)
-        return bad
 
 
 def _join_unique(values) -> str:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from numbers import Integral, Real
 from typing import Sequence
 
 import numpy as np
 
+from simclrv2.checkpoint import atomic_write_text
 from simclrv2.data.sources import ImageDataset, hide_labels, subset
 from simclrv2.errors import ConfigError, DataError
 
@@ -167,24 +167,7 @@ def write_subset_file(path: str | os.PathLike, ids: Sequence[str]) -> None:
             raise IdentifierError(f"{path}: image identifier {s!r} cannot be written to a subset file (one name per line): "
                             "rename the file so that its name has no line break and no surrounding spaces")
         lines.append(s)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".subset-", suffix=".tmp", dir=folder)
-    except OSError as e:  # name the file the user knows, not the hidden temporary one
-        raise OSError(e.errno, e.strerror, path) from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("".join(s + "\n" for s in lines))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_text(path, "".join(s + "\n" for s in lines))
 
 
 def _escapes_root(line: str) -> bool:

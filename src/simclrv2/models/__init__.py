@@ -1,13 +1,13 @@
 """Encoders (ResNet/SK), projection head, pretraining and classification models."""
 
-from simclrv2.models.factory import build_model, count_params, model_spec
+from simclrv2.models.factory import build_model, count_params
 from simclrv2.models.head import Classifier, ProjectionHead, SimCLRModel
-from simclrv2.models.resnet import (
-    ResNet, build_resnet, resnet18, resnet50, resnet101, resnet152, set_activation_checkpointing,
-)
+from simclrv2.models.resnet import ResNet, build_resnet, set_activation_checkpointing, sk_options
+from simclrv2.models.spec import ModelSpec, model_spec
 
 __all__ = [
     "Classifier",
+    "ModelSpec",
     "ProjectionHead",
     "ResNet",
     "SimCLRModel",
@@ -15,9 +15,6 @@ __all__ = [
     "build_resnet",
     "count_params",
     "model_spec",
-    "resnet18",
-    "resnet50",
-    "resnet101",
-    "resnet152",
     "set_activation_checkpointing",
+    "sk_options",
 ]

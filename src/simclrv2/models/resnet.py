@@ -1,11 +1,15 @@
 """ResNet encoders of SimCLRv2 (docs/method.md §1), with torchvision's module names.
 
 One configurable class, :class:`ResNet`, covers every variant: basic or bottleneck blocks, any
-width multiplier (fractional too), selective kernels (SK) with the ResNet-D stem and
-average-pool shortcuts, and the small-image stem. :func:`build_resnet` is the factory.
+width multiplier (fractional too), and three orthogonal options as timm names them:
+``selective_kernel`` (SK 3x3 convolutions in the bottleneck blocks), ``stem_type`` ("default":
+7x7/2 conv + max-pool; "deep": the ResNet-D stem of three 3x3 convs + max-pool; "small": one 3x3/1
+conv and no max-pool, for images of 32 px or less) and ``avg_down`` (ResNet-D projection
+shortcuts: average pool, then a stride-1 1x1 conv). SimCLRv2's SK ResNets use all three together
+(:func:`sk_options`, the presets' ``sk``). :func:`build_resnet` is the factory.
 
 Names follow torchvision (``conv1``, ``bn1``, ``layer1``..``layer4``, ``downsample``) so that
-weights are easy to read and convert. The SK stem replaces ``conv1`` by a ``stem`` Sequential.
+weights are easy to read and convert. The deep stem replaces ``conv1`` by a ``stem`` Sequential.
 
 Padding is TF's, so that imported official checkpoints compute the same function
 (google-research/simclr ``resnet.py`` / ``tf2/resnet.py``):
@@ -19,7 +23,7 @@ Padding is TF's, so that imported official checkpoints compute the same function
   padded rows go ``total // 2`` before and the rest after (even ``n``: 0 before, 1 after; odd ``n``: 1 and 1).
   :class:`MaxPool2dSame` does exactly that (padding never wins the max); PyTorch's ``MaxPool2d(3, 2, 1)``
   would pad 1 on every side and shift the windows by one pixel for even inputs.
-* ResNet-D shortcuts (SK): a strided block pads the bottom/right by one zero (``fixed_padding(x, 2)``)
+* ResNet-D shortcuts (``avg_down``): a strided block pads the bottom/right by one zero (``fixed_padding(x, 2)``)
   and average-pools 2x2/stride 'VALID' (the zero counts in the average, which matters for odd sizes
   only); the stride-1 projection of the first block pools 2x2/1 'SAME', i.e. pads bottom/right by one
   and excludes the padding from the average (:class:`AvgPool2dSame`), where an identity would differ.
@@ -53,6 +57,7 @@ BN_EPS = 1e-5
 SK_RATIO = 0.0625
 SK_MIN_DIM = 32
 
+STEM_TYPES = ("default", "deep", "small")
 STAGES = {
     18: ("basic", [2, 2, 2, 2]),
     34: ("basic", [3, 4, 6, 3]),
@@ -158,7 +163,7 @@ class AvgPool2dFixedPadding(nn.AvgPool2d):
 
 
 def shortcut(in_channels: int, out_channels: int, stride: int, avg_pool: bool) -> nn.Module | None:
-    """Projection shortcut: strided 1x1 conv, or (ResNet-D, with SK) 2x2 avg-pool then a stride-1 1x1 conv.
+    """Projection shortcut: strided 1x1 conv, or (ResNet-D, ``avg_down``) 2x2 avg-pool then a stride-1 1x1 conv.
 
     The ResNet-D pool is TF's: fixed padding + 'VALID' when strided, 'SAME' (padding excluded) at stride 1.
     """
@@ -173,14 +178,15 @@ def shortcut(in_channels: int, out_channels: int, stride: int, avg_pool: bool) -
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_channels: int, channels: int, stride: int = 1, selective_kernel: bool = False):
-        super().__init__()
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, selective_kernel: bool = False,
+                 avg_down: bool = False):
+        super().__init__()  # no SK variant: ``selective_kernel`` applies to bottleneck blocks only
         out = channels * self.expansion
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
         self.bn1 = batch_norm(channels)
         self.conv2 = nn.Conv2d(channels, out, 3, 1, 1, bias=False)
         self.bn2 = batch_norm(out, zero_init=True)
-        self.downsample = shortcut(in_channels, out, stride, avg_pool=selective_kernel)
+        self.downsample = shortcut(in_channels, out, stride, avg_pool=avg_down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -194,7 +200,8 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_channels: int, channels: int, stride: int = 1, selective_kernel: bool = False):
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, selective_kernel: bool = False,
+                 avg_down: bool = False):
         super().__init__()
         out = channels * self.expansion
         self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False)
@@ -208,7 +215,7 @@ class Bottleneck(nn.Module):
             self.bn2 = batch_norm(channels)
         self.conv3 = nn.Conv2d(channels, out, 1, bias=False)
         self.bn3 = batch_norm(out, zero_init=True)
-        self.downsample = shortcut(in_channels, out, stride, avg_pool=selective_kernel)
+        self.downsample = shortcut(in_channels, out, stride, avg_pool=avg_down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -223,37 +230,26 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """Images [B, C, H, W] -> globally average-pooled features [B, out_dim]."""
 
-    def __init__(
-        self,
-        depth: int = 50,
-        width_multiplier: float = 1.0,
-        selective_kernel: bool = False,
-        small_images: bool = False,
-        in_channels: int = 3,
-    ):
+    def __init__(self, depth: int = 50, width_multiplier: float = 1.0, selective_kernel: bool = False,
+                 stem_type: str = "default", avg_down: bool = False, in_channels: int = 3):
         super().__init__()
         if depth not in STAGES:
             raise ConfigError(f"--depth {depth} is not supported; expected one of {sorted(STAGES)}")
         if not (width_multiplier > 0 and scaled(64, width_multiplier) >= 1):
             raise ConfigError(f"--width {width_multiplier} is not supported; expected a positive multiplier such as 0.25, 1, 2, 3")
-        self.config = dict(
-            depth=depth,
-            width_multiplier=width_multiplier,
-            selective_kernel=selective_kernel,
-            small_images=small_images,
-            in_channels=in_channels,
-        )
+        if stem_type not in STEM_TYPES:
+            raise ValueError(f"stem_type {stem_type!r} is not supported; expected one of {', '.join(STEM_TYPES)}")
         kind, blocks = STAGES[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
         w = width_multiplier
         stem_out = scaled(64, w)
 
-        if small_images:
+        if stem_type == "small":
             # CIFAR-style stem: 3x3 stride 1, no max-pool.
             self.conv1 = nn.Conv2d(in_channels, stem_out, 3, 1, 1, bias=False)
             self.bn1 = batch_norm(stem_out)
             self.maxpool = nn.Identity()
-        elif selective_kernel:
+        elif stem_type == "deep":
             # ResNet-D deep stem: three 3x3 convs (32w, 32w, 64w), the first strided.
             half = scaled(32, w)
             self.stem = nn.Sequential(
@@ -275,7 +271,7 @@ class ResNet(nn.Module):
             stride = 1 if i == 0 else 2
             layers = []
             for j in range(n):
-                layers.append(block(channels, width, stride if j == 0 else 1, selective_kernel))
+                layers.append(block(channels, width, stride if j == 0 else 1, selective_kernel, avg_down))
                 channels = width * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
         self.out_dim = channels
@@ -387,28 +383,15 @@ def set_activation_checkpointing(model: nn.Module, mode: str | bool | None) -> i
     return len(resnets)
 
 
-def build_resnet(
-    depth: int = 50,
-    width_multiplier: float = 1.0,
-    selective_kernel: bool = False,
-    small_images: bool = False,
-    in_channels: int = 3,
-) -> ResNet:
-    """The SimCLRv2 encoder: ResNet-{18,34,50,101,152}, width w, optional SK, optional small-image stem."""
-    return ResNet(depth, width_multiplier, selective_kernel, small_images, in_channels)
+def build_resnet(depth: int = 50, width_multiplier: float = 1.0, selective_kernel: bool = False,
+                 stem_type: str = "default", avg_down: bool = False, in_channels: int = 3) -> ResNet:
+    """The SimCLRv2 encoder: ResNet-{18,34,50,101,152}, width w, with the options of :class:`ResNet`
+    (SimCLRv2's SK ResNets: ``**sk_options(True)``)."""
+    return ResNet(depth, width_multiplier, selective_kernel, stem_type, avg_down, in_channels)
 
 
-def resnet50(width_multiplier: float = 1.0, selective_kernel: bool = False, **kw) -> ResNet:
-    return build_resnet(50, width_multiplier, selective_kernel, **kw)
-
-
-def resnet101(width_multiplier: float = 1.0, selective_kernel: bool = False, **kw) -> ResNet:
-    return build_resnet(101, width_multiplier, selective_kernel, **kw)
-
-
-def resnet152(width_multiplier: float = 1.0, selective_kernel: bool = False, **kw) -> ResNet:
-    return build_resnet(152, width_multiplier, selective_kernel, **kw)
-
-
-def resnet18(width_multiplier: float = 1.0, **kw) -> ResNet:
-    return build_resnet(18, width_multiplier, **kw)
+def sk_options(sk: bool, small_images: bool = False) -> dict:
+    """The presets' ``sk`` as encoder options: SimCLRv2's SK ResNets (the official ``r*_sk1``
+    checkpoints) have selective kernels, the ResNet-D deep stem and average-pool shortcuts together
+    (docs/method.md §1); ``small_images`` (32 px or less) replaces either stem by the small-image stem."""
+    return dict(selective_kernel=sk, stem_type="small" if small_images else "deep" if sk else "default", avg_down=sk)

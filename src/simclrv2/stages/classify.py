@@ -1,7 +1,9 @@
 """Stages that train a classifier: fine-tune, supervised baseline, linear evaluation, distillation.
 
-They share one task: a crop + flip view -> classifier -> cross-entropy on the labels, or the
-distillation loss against a fixed teacher that sees the same view (docs/method.md §4-§6).
+One task per kind, sharing a base (:class:`SupervisedTask`): a crop + flip view -> classifier ->
+cross-entropy on the labels (fine-tuning, the supervised baseline), the same with a frozen encoder
+(:class:`LinearEvalTask`), or the distillation loss against a fixed teacher that sees the same
+view (:class:`DistillTask`) (docs/method.md §4-§6).
 """
 
 from __future__ import annotations
@@ -23,32 +25,64 @@ from simclrv2.distributed import global_count_share, wrap_model
 from simclrv2.engine import Task, batch_rows, fit
 from simclrv2.errors import ConfigError, DataError
 from simclrv2.losses import DistillationLoss
-from simclrv2.models import Classifier, build_model, count_params, model_spec, set_activation_checkpointing
+from simclrv2.checkpoint import CheckpointMeta, load_model
+from simclrv2.models import Classifier, ModelSpec, build_model, count_params, model_spec, set_activation_checkpointing
 from simclrv2.rundir import StageRun
 from simclrv2.runtime import Runtime, init_runtime, log
 from simclrv2.stages.common import (
-    check_compatible, evaluate_classifier, finish, load_model, log_result, prepare_data, stage_function, to_device,
+    check_compatible, evaluate_classifier, finish, log_result, prepare_data, stage_function, to_device,
 )
 
 
-class ClassificationTask(Task):
-    def __init__(self, model: Classifier, cfg: RunConfig, image_size: int, rt: Runtime,
-                 teacher: nn.Module | None = None, distill: DistillationLoss | None = None, frozen_encoder: bool = False,
-                 adapt_classifier: bool = False):
+class SupervisedTask(Task):
+    """Cross-entropy on the labels of a crop + flip view of each image (docs/method.md §4): fine-tuning
+    and the supervised baseline; the base of the other classifier tasks."""
+
+    global_bn = True  # BatchNorm statistics over all processes (when --sync-bn)
+
+    def __init__(self, model: Classifier, cfg: RunConfig, image_size: int, rt: Runtime):
         self.model, self.cfg, self.rt = model, cfg, rt
         # the student / classifier only: a teacher runs without gradients (checkpointing would do nothing);
         # a frozen encoder runs in eval mode, where it does nothing either
         set_activation_checkpointing(model, cfg.activation_checkpointing)
-        self.frozen_encoder = frozen_encoder
-        if frozen_encoder:
-            model.encoder.requires_grad_(False)
-            model.head.requires_grad_(False)
-        # global BN where a BN trains: not in a frozen encoder, but in a linear classifier's feature norm
-        trains_bn = not frozen_encoder or getattr(model, "feature_norm", None) is not None
-        self.net = wrap_model(model, rt, cfg.sync_bn and trains_bn, cfg.compile)
+        self.net = wrap_model(model, rt, cfg.sync_bn and self.global_bn, cfg.compile)
         self.augment = FinetuneAugment(image_size, crop_scale=(cfg.crop_min, 1.0), pad_crop=cfg.pad_crop,
                                        extra=active_view_transforms())
-        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+
+    def view(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = self.augment(images, generator, rows=batch_rows(images.shape[0], self.rt))  # drawn for the global batch
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def loss(self, images, labels, generator):
+        return F.cross_entropy(self.net(self.view(images, generator)).float(), labels), {}
+
+
+class LinearEvalTask(SupervisedTask):
+    """The linear classifier alone on a frozen encoder and head, BatchNorm statistics frozen too
+    (docs/method.md §4, linear evaluation)."""
+
+    global_bn = False  # frozen BatchNorms normalise with their running statistics: nothing to share
+
+    def __init__(self, model: Classifier, cfg: RunConfig, image_size: int, rt: Runtime):
+        model.encoder.requires_grad_(False)
+        model.head.requires_grad_(False)
+        self.global_bn = model.feature_norm is not None  # (but a feature norm trains: shared, as any training BN)
+        super().__init__(model, cfg, image_size, rt)
+
+    def train(self):
+        self.model.train()
+        self.model.encoder.eval()
+        self.model.head.eval()
+
+
+class DistillTask(SupervisedTask):
+    """The distillation loss against a fixed teacher that sees the same view (docs/method.md §6),
+    mixed with the labels' cross-entropy when ``distill.alpha < 1``."""
+
+    def __init__(self, model: Classifier, cfg: RunConfig, image_size: int, rt: Runtime, teacher: nn.Module,
+                 distill: DistillationLoss, adapt_classifier: bool = False):
+        super().__init__(model, cfg, image_size, rt)
+        self.teacher = teacher.eval().requires_grad_(False)
         self.distill = distill
         if adapt_classifier:
             # A student that starts as a trained classifier (self-distillation from the teacher's weights): the
@@ -59,19 +93,8 @@ class ClassificationTask(Task):
             # classifier (near-zero weights) stays out: LARS's step is proportional to ||w||, it would barely move.
             self.lars_excluded = ()
 
-    def train(self):
-        self.model.train()
-        if self.frozen_encoder:  # linear evaluation: BN statistics frozen too
-            self.model.encoder.eval()
-            self.model.head.eval()
-
     def loss(self, images, labels, generator):
-        x = self.augment(images, generator, rows=batch_rows(images.shape[0], self.rt))  # drawn for the global batch
-        if self.cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.teacher is None:
-            loss = F.cross_entropy(self.net(x).float(), labels)
-            return loss, {}
+        x = self.view(images, generator)
         # the teacher first: its forward's buffers are freed before the student's activations pile up
         # (after them, this forward was ~50% slower on the CPU); the results are the same
         with torch.no_grad():
@@ -81,12 +104,13 @@ class ClassificationTask(Task):
         return self.distill(logits, teacher_logits, labels, share), {}
 
 
-def _train_classifier(stage: str, cfg: RunConfig, model: Classifier, data, rt: Runtime, train_set, out: Path,
-                      meta: dict[str, Any], label_fraction: float | None, run: StageRun | None = None,
-                      **task_kw) -> dict[str, Any]:
+def _train_classifier(cfg: RunConfig, model: Classifier, data, rt: Runtime, train_set, out: Path,
+                      meta: CheckpointMeta, label_fraction: float | None, run: StageRun | None = None,
+                      task_class: type[SupervisedTask] = SupervisedTask, **task_kw) -> dict[str, Any]:
+    stage = meta.stage
     check_compatible(meta, data, out)
-    task = ClassificationTask(model, cfg, data.image_size, rt, **task_kw)
-    fitted = fit(task, cfg, rt, train_set, out, stage, meta, run)
+    task = task_class(model, cfg, data.image_size, rt, **task_kw)
+    fitted = fit(task, cfg, rt, train_set, out, meta, run)
     result: dict[str, Any] = {"stage": stage, "params": count_params(model), "seconds": fitted.seconds,
                               "label_fraction": label_fraction, "labeled_images": len(data.labeled)}
     if data.test is not None:
@@ -101,9 +125,14 @@ def _train_classifier(stage: str, cfg: RunConfig, model: Classifier, data, rt: R
     return result
 
 
-def _meta(spec, data, cfg) -> dict[str, Any]:
-    return {"model": spec, "classes": data.classes, "dataset": cfg.dataset, "image_size": data.image_size,
-            **data.meta()}
+def _meta(stage: str, spec, data, cfg, **lineage) -> CheckpointMeta:
+    return CheckpointMeta(stage, spec, classes=data.classes, dataset=cfg.dataset, bit_depth=data.bit_depth, **lineage)
+
+
+def _classifier_of(pretrained: ModelSpec, data, head_layer: int) -> ModelSpec:
+    """The spec of a classifier on a pretrained model's encoder and its head up to ``head_layer``."""
+    return pretrained.replace(kind="classifier", num_classes=len(data.classes), head_layer=head_layer, probe_norm=False,
+                              image_size=data.image_size)
 
 
 def _label_fraction(cfg: RunConfig, data) -> float:
@@ -131,10 +160,10 @@ def finetune(cfg: FinetuneConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     fraction = _label_fraction(cfg, data)
     k = cfg.head_layer if cfg.head_layer is not None else (1 if fraction <= 0.1 else 0)
     model = Classifier.from_pretrained(pretrained, len(data.classes), k)
-    spec = dict(pmeta["model"], kind="classifier", num_classes=len(data.classes), head_layer=k)
+    spec = _classifier_of(pmeta.model, data, k)
     model = to_device(model, rt, cfg.channels_last)
-    meta = _meta(spec, data, cfg) | {"pretrained": str(ckpt.resolve(cfg.pretrained))}
-    return _train_classifier("finetune", cfg, model, data, rt, data.labeled, out, meta, fraction, run)
+    meta = _meta("finetune", spec, data, cfg, pretrained=str(ckpt.resolve(cfg.pretrained)))
+    return _train_classifier(cfg, model, data, rt, data.labeled, out, meta, fraction, run)
 
 
 @stage_function("supervised")
@@ -144,9 +173,10 @@ def supervised(cfg: SupervisedConfig, rt: Runtime, run: StageRun) -> dict[str, A
     data = prepare_data(cfg, out if rt.is_main else None, with_unlabeled_split=False)
     _classes_needed("supervised", cfg, data, data.labeled)
     spec = model_spec("classifier", depth=cfg.depth, width=cfg.width, sk=cfg.sk, small_images=data.small_images,
-                      in_channels=data.channels, head_layers=0, num_classes=len(data.classes), head_layer=0)
+                      in_channels=data.channels, head_layers=0, num_classes=len(data.classes), head_layer=0,
+                      image_size=data.image_size)
     model = to_device(build_model(spec), rt, cfg.channels_last)
-    return _train_classifier("supervised", cfg, model, data, rt, data.labeled, out, _meta(spec, data, cfg),
+    return _train_classifier(cfg, model, data, rt, data.labeled, out, _meta("supervised", spec, data, cfg),
                              _label_fraction(cfg, data), run)
 
 
@@ -159,13 +189,11 @@ def linear_eval(cfg: LinearEvalConfig, rt: Runtime, run: StageRun) -> dict[str, 
     _classes_needed("linear-eval", cfg, data, data.labeled)
     norm = _feature_norm(cfg, pretrained, data, rt)
     model = Classifier.from_pretrained(pretrained, len(data.classes), cfg.head_layer, feature_norm=norm)
-    spec = dict(pmeta["model"], kind="classifier", num_classes=len(data.classes), head_layer=cfg.head_layer)
-    if norm:
-        spec["feature_norm"] = True
+    spec = _classifier_of(pmeta.model, data, cfg.head_layer).replace(feature_norm=norm)
     model = to_device(model, rt, cfg.channels_last)
-    meta = _meta(spec, data, cfg) | {"pretrained": str(ckpt.resolve(cfg.pretrained))}
-    return _train_classifier("linear_eval", cfg, model, data, rt, data.labeled, out, meta, _label_fraction(cfg, data),
-                             run, frozen_encoder=True)
+    meta = _meta("linear_eval", spec, data, cfg, pretrained=str(ckpt.resolve(cfg.pretrained)))
+    return _train_classifier(cfg, model, data, rt, data.labeled, out, meta, _label_fraction(cfg, data),
+                             run, LinearEvalTask)
 
 
 def _feature_norm(cfg: LinearEvalConfig, pretrained: nn.Module, data, rt: Runtime) -> bool:
@@ -204,27 +232,28 @@ def distill(cfg: DistillConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     """Distil a fixed fine-tuned teacher into a student on all training images (labeled + unlabeled)."""
     out = run.out
     teacher, tmeta = load_model(cfg.teacher, "classifier")
-    tspec = tmeta["model"]
+    tspec = tmeta.model
     data = prepare_data(cfg, out if rt.is_main else None)
     _classes_needed("distill", cfg, data, data.all_images())
     check_compatible(tmeta, data, ckpt.resolve(cfg.teacher))
-    depth = cfg.depth or tspec["depth"]
-    width = cfg.width or tspec["width"]
-    sk = tspec["sk"] if cfg.sk is None else cfg.sk
-    same = (depth, width, sk) == (tspec["depth"], tspec["width"], tspec["sk"])
+    depth = cfg.depth or tspec.depth
+    width = cfg.width or tspec.width
+    sk = tspec.selective_kernel if cfg.sk is None else cfg.sk  # the presets' sk: all three SK-ResNet options
+    same = (depth, width, sk) == (tspec.depth, tspec.width, tspec.selective_kernel)
     tau = cfg.temperature if cfg.temperature is not None else (0.1 if same else 1.0)
+    spec = model_spec("classifier", depth=depth, width=width, sk=sk, small_images=data.small_images,
+                      in_channels=data.channels, num_classes=len(data.classes), head_layers=0, head_layer=0,
+                      image_size=data.image_size)
     source, smeta = load_model(cfg.init_from) if cfg.init_from else (None, None)
     # A fine-tuned classifier of the student's architecture and classes is copied whole (its kept head
     # layers and classifier too), so the student starts as that model rather than with a fresh
     # classifier on a trained encoder, which the first steps at full lr would wreck; any other
     # source (a pretrained model, a different classifier) gives the encoder only.
-    sspec = smeta["model"] if smeta else {}
-    whole = (sspec.get("kind") == "classifier" and sspec.get("num_classes") == len(data.classes)
-             and (sspec["depth"], sspec["width"], sspec["sk"]) == (depth, width, sk))
-    head = dict(head_layers=sspec["head_layers"], proj_dim=sspec["proj_dim"], head_layer=sspec["head_layer"]) if whole \
-        else dict(head_layers=0, head_layer=0)
-    spec = model_spec("classifier", depth=depth, width=width, sk=sk, small_images=data.small_images,
-                      in_channels=data.channels, num_classes=len(data.classes), **head)
+    sspec = smeta.model if smeta else None
+    whole = (sspec is not None and sspec.kind == "classifier" and sspec.num_classes == len(data.classes)
+             and sspec.same_encoder(spec))
+    if whole:
+        spec = spec.replace(head_layers=sspec.head_layers, proj_dim=sspec.proj_dim, head_layer=sspec.head_layer)
     student = build_model(spec)
     if source is not None:
         try:
@@ -236,12 +265,13 @@ def distill(cfg: DistillConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
             raise ConfigError(f"--init-from {cfg.init_from}: its encoder does not match the student (depth {depth}, width {width}, sk {sk})") from None
     student = to_device(student, rt, cfg.channels_last)
     teacher = to_device(teacher, rt, cfg.channels_last)
-    meta = _meta(spec, data, cfg) | {"teacher": str(ckpt.resolve(cfg.teacher)), "temperature": tau,
-                                     "self_distillation": same}
+    meta = _meta("distill", spec, data, cfg, teacher=str(ckpt.resolve(cfg.teacher)), temperature=tau,
+                 self_distillation=same)
     log.info(f"distill: {'self-distillation' if same else 'big-to-small'} tau={tau} alpha={cfg.alpha} "
              f"on {len(data.all_images())} images")
-    result = _train_classifier("distill", cfg, student, data, rt, data.all_images(), out, meta, _label_fraction(cfg, data),
-                               run, teacher=teacher, distill=DistillationLoss(tau, cfg.alpha), adapt_classifier=whole)
+    result = _train_classifier(cfg, student, data, rt, data.all_images(), out, meta, _label_fraction(cfg, data),
+                               run, DistillTask, teacher=teacher, distill=DistillationLoss(tau, cfg.alpha),
+                               adapt_classifier=whole)
     return result
 
 
@@ -252,25 +282,26 @@ def evaluate(checkpoint: str, dataset: str | None = None, data_dir: str | None =
     from simclrv2.data.folders import folder_dataset
 
     model, meta = load_model(checkpoint, "classifier")
-    rt = init_runtime(device, precision)
-    name = dataset or meta["dataset"]
-    run_config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    if name == "imagefolder" and data_dir is None and run_config:
-        config = run_config  # the run's own folders (separate folders or the one-root layout)
-    else:
-        config = {"data_dir": data_dir, "decode_scale": run_config.get("decode_scale")}
-    if name == "imagefolder":  # decoded as the run decoded them
-        ds = folder_dataset(config, split, meta.get("image_size"), meta["model"]["in_channels"], meta.get("bit_depth"))
-    else:
-        ds = load_dataset(name, split, data_dir, meta.get("image_size"))
     source = ckpt.resolve(checkpoint)
-    if ds.channels != meta["model"]["in_channels"] or len(ds.classes) != meta["model"]["num_classes"]:
-        raise ConfigError(f"{source}: model expects {meta['model']['in_channels']}-channel images and "
-                          f"{meta['model']['num_classes']} classes; {ds.name} {split} has {ds.channels} and {len(ds.classes)}")
-    size = meta.get("image_size") or ds.image_size
+    if not (dataset or meta.dataset):
+        raise ConfigError(f"{source}: the checkpoint does not name its dataset; pass --dataset")
+    rt = init_runtime(device, precision)
+    name = dataset or meta.dataset
+    if name == "imagefolder":  # decoded as the run decoded them, from its own folders unless --data-dir
+        run_config = meta.config or {}
+        config = run_config if data_dir is None and run_config else {"data_dir": data_dir,
+                                                                      "decode_scale": run_config.get("decode_scale")}
+        ds = folder_dataset(config, split, meta.image_size, meta.model.in_channels, meta.bit_depth)
+    else:
+        ds = load_dataset(name, split, data_dir, meta.image_size)
+    spec = meta.model
+    if ds.channels != spec.in_channels or len(ds.classes) != spec.num_classes:
+        raise ConfigError(f"{source}: model expects {spec.in_channels}-channel images and "
+                          f"{spec.num_classes} classes; {ds.name} {split} has {ds.channels} and {len(ds.classes)}")
+    size = meta.image_size or ds.image_size
     result = evaluate_classifier(model, ds, rt, size, batch_size, workers)
     result.update(checkpoint=str(source), dataset=ds.name, split=split, images=len(ds))
     return result
 
 
-__all__ = ["ClassificationTask", "distill", "evaluate", "finetune", "linear_eval", "supervised"]
+__all__ = ["DistillTask", "LinearEvalTask", "SupervisedTask", "distill", "evaluate", "finetune", "linear_eval", "supervised"]

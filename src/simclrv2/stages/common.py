@@ -20,7 +20,6 @@ from simclrv2.data.folders import load_folders
 from simclrv2.distributed import broadcast_object
 from simclrv2.engine import predict, topk_accuracy
 from simclrv2.errors import CheckpointError, ConfigError, DataError
-from simclrv2.models import build_model
 from simclrv2.rundir import StageRun
 from simclrv2.runtime import Runtime, log
 
@@ -47,10 +46,6 @@ class Data:
     def has_knn(self) -> bool:
         """Labelled training images and test images: the kNN monitor can run."""
         return self.test is not None and len(self.train) > 0
-
-    def meta(self) -> dict[str, Any]:
-        """Checkpoint metadata of the data: the bit depth image folders' images were scaled by."""
-        return {"bit_depth": self.bit_depth} if self.bit_depth is not None else {}
 
     def all_images(self) -> ImageDataset:
         """Labeled subset + unlabeled pool: what pretraining and distillation see."""
@@ -128,42 +123,15 @@ def _empty_like(ds: ImageDataset) -> ImageDataset:
     return subset(ds, [])
 
 
-def load_model(path: str | Path, kind: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """A model and its checkpoint metadata; ``kind`` ('simclr' / 'classifier') is checked if given."""
-    tensors, meta = ckpt.load_checkpoint(path)
-    source = ckpt.resolve(path)
-    spec = meta.get("model")
-    if not isinstance(spec, dict):
-        raise CheckpointError(f"{source}: checkpoint JSON has no model spec")
-    if kind is not None and spec.get("kind") != kind:
-        expected = {"simclr": "a pretrained (pretrain/import-tf) checkpoint",
-                    "classifier": "a classifier (finetune/distill/supervised) checkpoint"}[kind]
-        raise CheckpointError(f"{source}: is a {spec.get('kind')!r} checkpoint of stage {meta.get('stage')!r}; expected {expected}")
-    try:
-        model = build_model(spec)
-    except (ConfigError, CheckpointError, KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{source}: invalid model spec in the checkpoint ({' '.join(str(e).split())[:200]})") from None
-    what = f"{spec.get('kind')} model (depth {spec.get('depth')}, width {spec.get('width')})"
-    ckpt.load_state(model, ckpt.subdict(tensors, "model."), source, what)
-    classes = meta.get("classes")
-    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
-        raise CheckpointError(f"{source}: invalid class list in the checkpoint (expected a list of names)")
-    if spec.get("kind") == "classifier" and classes and len(classes) != spec.get("num_classes"):
-        raise CheckpointError(f"{source}: the checkpoint names {len(classes)} classes for its {spec.get('num_classes')}-class "
-                              "classifier; its class list and its model do not belong together")
-    return model, meta
-
-
-def check_compatible(meta: dict[str, Any], data: Data, source: str | Path) -> None:
+def check_compatible(meta: ckpt.CheckpointMeta, data: Data, source: str | Path) -> None:
     """The checkpointed model fits the dataset: channels, and classes for a classifier."""
-    spec = meta["model"]
-    source = meta.get("pretrained") or source  # name the file the model came from
-    if spec.get("in_channels") != data.channels:
-        raise CheckpointError(f"{source}: the model takes {spec.get('in_channels')}-channel images; "
+    spec = meta.model
+    source = meta.pretrained or source  # name the file the model came from
+    if spec.in_channels != data.channels:
+        raise CheckpointError(f"{source}: the model takes {spec.in_channels}-channel images; "
                               f"expected {data.channels} channels for this dataset")
-    n = spec.get("num_classes")
-    if spec.get("kind") == "classifier" and n != len(data.classes):
-        raise CheckpointError(f"{source}: the classifier has {n} classes; expected {len(data.classes)} for this dataset")
+    if spec.kind == "classifier" and spec.num_classes != len(data.classes):
+        raise CheckpointError(f"{source}: the classifier has {spec.num_classes} classes; expected {len(data.classes)} for this dataset")
 
 
 def evaluate_classifier(model: nn.Module, data: ImageDataset, rt: Runtime, image_size: int, batch_size: int = 500,
@@ -173,7 +141,7 @@ def evaluate_classifier(model: nn.Module, data: ImageDataset, rt: Runtime, image
     return topk_accuracy(logits, labels)
 
 
-def stage_done(out_dir: Path) -> dict[str, Any] | None:
+def stage_done(out_dir: Path) -> ckpt.CheckpointMeta | None:
     """The final checkpoint's metadata if this stage already completed in ``out_dir``."""
     final = Path(out_dir) / "final.safetensors"
     if not final.exists():
@@ -182,7 +150,7 @@ def stage_done(out_dir: Path) -> dict[str, Any] | None:
         meta = ckpt.read_meta(final)
     except CheckpointError:
         return None
-    return meta if meta.get("complete") and "result" in meta else None
+    return meta if meta.complete and meta.result is not None else None
 
 
 def require(value: Any, option: str, stage: str) -> None:
@@ -218,20 +186,36 @@ def log_result(stage: str, result: dict[str, Any]) -> None:
 def to_device(model: nn.Module, rt: Runtime, channels_last: bool) -> nn.Module:
     model = model.to(rt.device)
     if channels_last:
-        if rt.device.type == "cpu":
-            _check_cpu_channels_last(model)
         model = model.to(memory_format=torch.channels_last)
+        if rt.device.type == "cpu":
+            keep_onednn_exceptions_nchw(model)
     return model
 
 
-def _check_cpu_channels_last(model: nn.Module) -> None:
-    """oneDNN on the CPU (seen with torch 2.13) intermittently computes wrong weight gradients
-    (errors of 10-100%) for channels_last 1x1 strided convolutions with fewer than 8 input
-    channels, i.e. the projection shortcuts of very narrow ResNets (width 1/16); refuse them."""
+def _narrow_strided_1x1(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 8
+
+
+def _nchw_input(module: nn.Module, args):
+    return (args[0].contiguous(),) + tuple(args[1:])
+
+
+def keep_onednn_exceptions_nchw(model: nn.Module) -> list[str]:
+    """Run the convolutions that oneDNN gets wrong in channels_last on the CPU in NCHW instead.
+
+    oneDNN (seen with torch 2.13 on an Intel Xeon with AMX) intermittently computed wrong weight
+    gradients (errors of 10-100%) for channels_last 1x1 strided convolutions with fewer than 8
+    input channels: the projection shortcuts of very narrow ResNets (width 1/16). Those few
+    convolutions keep an NCHW weight and get their input as NCHW (a forward pre-hook), every
+    other layer stays channels_last. Returns the names of the convolutions changed."""
+    names = []
     for name, m in model.named_modules():
-        if (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 8):
-            raise ConfigError(f"--channels-last on the CPU: {name} ({m.in_channels} input channels, 1x1 stride "
-                              f"{m.stride[0]}) would get wrong gradients from oneDNN; use a wider model or no --channels-last")
+        if _narrow_strided_1x1(m) and not getattr(m, "nchw_on_cpu", False):
+            m.weight.data = m.weight.data.contiguous()
+            m.register_forward_pre_hook(_nchw_input)
+            m.nchw_on_cpu = True
+            names.append(name)
+    return names
 
 
 def finish(out: Path, rt: Runtime, result: dict[str, Any]) -> None:
@@ -242,8 +226,7 @@ def finish(out: Path, rt: Runtime, result: dict[str, Any]) -> None:
     """
     if rt.is_main:
         tensors, meta = ckpt.load_checkpoint(out / "final.safetensors")
-        meta["result"] = result
-        ckpt.save_checkpoint(out / "final", tensors, meta)
+        ckpt.save_checkpoint(out / "final", tensors, meta.replace(result=result))
     if rt.distributed:
         main_result = broadcast_object(result)  # on rank 0: ``result`` itself
         if not rt.is_main:

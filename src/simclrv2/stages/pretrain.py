@@ -8,16 +8,69 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from simclrv2.checkpoint import CheckpointMeta
 from simclrv2.config import PretrainConfig
 from simclrv2.data.augment import EvalTransform, PretrainAugment, active_view_transforms
-from simclrv2.distributed import global_count_share, wrap_model
+from simclrv2.distributed import gather_with_grad, global_count_share, wrap_model
 from simclrv2.engine import Task, batch_rows, fit, knn_accuracy, predict
-from simclrv2.losses import NTXentLoss, gather_with_grad
+from simclrv2.losses import NTXentLoss
 from simclrv2.models import SimCLRModel, build_model, count_params, model_spec, set_activation_checkpointing
 from simclrv2.rundir import StageRun
 from simclrv2.runtime import Runtime
 from simclrv2.stages.common import Data, finish, log_result, prepare_data, stage_function, to_device
+
+
+class MemoryQueue(nn.Module):
+    """The memory of pretraining with ``--memory-size`` (MoCo-style): an EMA copy of the model
+    (``ema``, without gradients) and a FIFO queue of its normalised keys (buffers ``queue``,
+    ``queue_len``: filled slots, ``queue_ptr``: the next slot to write). Its state_dict is what a
+    resume point stores under ``extra.`` (:class:`simclrv2.engine.Task`), so a resumed run
+    continues with the same EMA weights and queue."""
+
+    def __init__(self, model: nn.Module, size: int, dim: int, decay: float, device: torch.device):
+        super().__init__()
+        self.decay = decay
+        self.ema = copy.deepcopy(model).requires_grad_(False)
+        self.register_buffer("queue", torch.zeros(size, dim, device=device))
+        self.register_buffer("queue_len", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long, device=device))
+        self._filled, self._ptr = 0, 0  # the same as Python ints: no device sync per step
+        self.register_load_state_dict_post_hook(MemoryQueue._read_counters)
+
+    @staticmethod
+    def _read_counters(module: MemoryQueue, incompatible_keys) -> None:
+        module._filled, module._ptr = int(module.queue_len), int(module.queue_ptr)
+
+    def negatives(self) -> torch.Tensor | None:
+        """The filled part of the queue (None while empty)."""
+        return self.queue[: self._filled] if self._filled else None
+
+    @torch.no_grad()
+    def keys(self, views: torch.Tensor) -> torch.Tensor:
+        """The EMA model's normalised projections of ``views``."""
+        _, keys = self.ema(views)
+        return F.normalize(keys.float(), dim=1)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One EMA step towards ``model``'s weights (its buffers, e.g. BN statistics, copied)."""
+        ema_params = list(self.ema.parameters())
+        torch._foreach_mul_(ema_params, self.decay)
+        torch._foreach_add_(ema_params, list(model.parameters()), alpha=1 - self.decay)
+        torch._foreach_copy_(list(self.ema.buffers()), list(model.buffers()))
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        size = self.queue.shape[0]
+        keys = keys[-size:]
+        n = keys.shape[0]
+        idx = (torch.arange(n, device=keys.device) + self._ptr) % size
+        self.queue[idx] = keys
+        self._ptr, self._filled = (self._ptr + n) % size, min(size, self._filled + n)
+        self.queue_ptr.fill_(self._ptr)
+        self.queue_len.fill_(self._filled)
 
 
 class ContrastiveTask(Task):
@@ -33,13 +86,10 @@ class ContrastiveTask(Task):
                                        blur=cfg.blur, extra=active_view_transforms())
         self.criterion = NTXentLoss(cfg.temperature, gather_distributed=rt.distributed)
         self.channels_last = cfg.channels_last
-        self.ema = None
-        if cfg.memory_size:
-            self.ema = copy.deepcopy(model).requires_grad_(False)
-            self.queue = torch.zeros(cfg.memory_size, cfg.proj_dim, device=rt.device)
-            self.queue_len = torch.zeros((), dtype=torch.long, device=rt.device)  # filled entries
-            self.queue_ptr = torch.zeros((), dtype=torch.long, device=rt.device)
-            self._filled, self._ptr = 0, 0  # the same as Python ints: no device sync per step
+        # after wrap_model: the copy shares its global BatchNorm conversion
+        self.memory = MemoryQueue(model, cfg.memory_size, cfg.proj_dim, cfg.memory_decay, rt.device) \
+            if cfg.memory_size else None
+        self.extra = self.memory
 
     def views(self, images, generator):
         """[view 1; view 2] of this process's images: each view's parameters drawn for the global batch."""
@@ -50,18 +100,16 @@ class ContrastiveTask(Task):
     def loss(self, images, labels, generator):
         v = self.views(images, generator)
         negatives = None
-        if self.ema is not None:
-            negatives = self.queue[: self._filled] if self._filled else None
+        if self.memory is not None:
+            negatives = self.memory.negatives()
             # the keys first: their forward's buffers are freed before the main forward's activations
             # pile up (after it, this forward was ~30% slower on the CPU); the results are the same
-            with torch.no_grad():
-                _, keys = self.ema(v)
-            self._pending_keys = F.normalize(keys.float(), dim=1)
+            self._pending_keys = self.memory.keys(v)
         h, z, probe_logits = self.net(v, probe=True)
         z_a, z_b = z.float().chunk(2)
         contrastive = self.criterion(z_a, z_b)
         parts = {"contrastive": contrastive.detach()}
-        if self.ema is not None:
+        if self.memory is not None:
             # the queue's negatives enter a second NT-Xent whose positive is the EMA key of the other view, so
             # that no softmax mixes online and EMA outputs (when it did, the encoder learned to tell the two apart
             # instead of the images: see losses.NTXentLoss); the two terms averaged
@@ -82,42 +130,12 @@ class ContrastiveTask(Task):
 
     @torch.no_grad()
     def after_step(self):
-        if self.ema is None:
+        if self.memory is None:
             return
-        d = self.cfg.memory_decay
-        ema_params = list(self.ema.parameters())
-        torch._foreach_mul_(ema_params, d)
-        torch._foreach_add_(ema_params, list(self.model.parameters()), alpha=1 - d)
-        torch._foreach_copy_(list(self.ema.buffers()), list(self.model.buffers()))
+        self.memory.update(self.model)
         # every rank enqueues the keys of all ranks, in the global batch's order [view 1 of all; view 2 of all]
         k1, k2 = self._pending_keys.chunk(2)
-        self._enqueue(torch.cat([gather_with_grad(k1)[0], gather_with_grad(k2)[0]]))
-
-    def _enqueue(self, keys):
-        size = self.queue.shape[0]
-        keys = keys[-size:]
-        n = keys.shape[0]
-        idx = (torch.arange(n, device=keys.device) + self._ptr) % size
-        self.queue[idx] = keys
-        self._ptr, self._filled = (self._ptr + n) % size, min(size, self._filled + n)
-        self.queue_ptr.fill_(self._ptr)
-        self.queue_len.fill_(self._filled)
-
-    def extra_state(self):
-        if self.ema is None:
-            return {}
-        state = {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
-        state.update(queue=self.queue, queue_len=self.queue_len, queue_ptr=self.queue_ptr)
-        return state
-
-    def load_extra_state(self, tensors):
-        if self.ema is None:
-            return
-        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        self.queue.copy_(tensors["queue"])
-        self.queue_len.copy_(tensors["queue_len"])
-        self.queue_ptr.copy_(tensors["queue_ptr"])
-        self._filled, self._ptr = int(self.queue_len), int(self.queue_ptr)
+        self.memory.enqueue(torch.cat([gather_with_grad(k1)[0], gather_with_grad(k2)[0]]))
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
@@ -152,12 +170,11 @@ def pretrain(cfg: PretrainConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     data = prepare_data(cfg, out if rt.is_main else None)
     spec = model_spec("simclr", depth=cfg.depth, width=cfg.width, sk=cfg.sk, small_images=data.small_images,
                       in_channels=data.channels, head_layers=cfg.head_layers, proj_dim=cfg.proj_dim,
-                      num_classes=len(data.classes) if cfg.probe else None, probe_norm=cfg.probe)
+                      num_classes=len(data.classes) if cfg.probe else None, probe_norm=cfg.probe, image_size=data.image_size)
     model = to_device(build_model(spec), rt, cfg.channels_last)
     task = ContrastiveTask(model, cfg, data, rt)
-    meta = {"model": spec, "classes": data.classes, "dataset": cfg.dataset, "image_size": data.image_size,
-            **data.meta()}
-    fitted = fit(task, cfg, rt, data.all_images(), out, "pretrain", meta, run)
+    meta = CheckpointMeta("pretrain", spec, classes=data.classes, dataset=cfg.dataset, bit_depth=data.bit_depth)
+    fitted = fit(task, cfg, rt, data.all_images(), out, meta, run)
     # the last epoch's, when fit evaluated it (a run continued from its final checkpoint trained nothing here:
     # its last row is the resumed checkpoint's)
     knn = fitted.last_row.get("knn")
