@@ -33,7 +33,7 @@ from simclrv2.config import make_config
 from simclrv2.engine import Trainer, accumulate_gradients, build_optimizer, step_generator, train_step
 from simclrv2.errors import ConfigError
 from simclrv2.losses import DistillationLoss, NTXentLoss
-from simclrv2.models import build_model, model_spec
+from simclrv2.models import SimCLRModel, build_model, model_spec
 from simclrv2.runtime import Runtime, init_runtime
 from simclrv2.stages.classify import DistillTask, LinearEvalTask, SupervisedTask
 from simclrv2.stages.common import prepare_data
@@ -226,6 +226,33 @@ def test_without_the_freeze_pass_two_would_count_every_micro_batch_twice(data, b
     before = _bn_state(task.model)
     _gradients(task, *batch, K, bn_eval=False)
     assert int(task.model.encoder.bn1.num_batches_tracked) == int(before["encoder.bn1.num_batches_tracked"]) + 2 * K
+
+
+def test_compiled_two_pass_step_equals_the_plain_one(data, batch):
+    """torch.compile (on a tiny encoder that compiles in seconds): pass 1 without gradients, pass 2 with
+    them and BN momentum 0 (a recompilation, not a stale graph that would count the statistics again)."""
+    from test_precision import _TinyEncoder
+
+    results = []
+    for compile in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = SimCLRModel(_TinyEncoder(), head_layers=2, proj_dim=8, probe_classes=10, probe_norm=True)
+        cfg = make_config("pretrain", out="unused", batch_size=16, temperature=0.5, color_strength=0.5, crop_min=0.2,
+                          proj_dim=8, compile=compile, **TINY)
+        task = ContrastiveTask(model, cfg, data, RT)
+        before = _bn_state(task.model)
+        loss, _, grads = _gradients(task, *batch, K, bn_eval=False)
+        results.append((loss, grads, _bn_state(task.model)))
+    (loss, grads, bn), (loss_c, grads_c, bn_c) = results
+    assert loss_c.item() == pytest.approx(loss.item(), rel=1e-5)
+    for name, g in grads.items():
+        assert _rel(grads_c[name], g) <= 1e-4, name
+    for name, b in bn.items():
+        if name.endswith("num_batches_tracked"):
+            assert int(b) == int(bn_c[name]) == int(before[name]) + K, name
+        else:
+            assert _rel(bn_c[name], b) <= 1e-5, name
 
 
 def test_memory_queue_takes_the_batch_keys_once_per_step(data, batch):
