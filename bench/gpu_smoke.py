@@ -41,7 +41,11 @@ Sections:
 * ``throughput``: images/s of OUR pretraining step (ContrastiveTask + engine.Trainer.step: views
   from uint8 images, LARS, probe) against the BARE step (forward + backward + SGD of the same
   network on a ready float batch), bench/run.py's harness, ResNet-50 224 px (CPU --quick: a
-  tiny model), bf16 autocast, channels_last off/on, compile off/on (compile with channels_last).
+  tiny model), bf16 autocast, channels_last off/on, compile off/on (compile with channels_last);
+* ``preset_gpu224``: the gpu-224 preset's pretraining step as the stage runs it (ResNet-50, 224 px,
+  channels_last, batch 1024 in 8 micro-batches of 128 images: gradient accumulation's two passes):
+  images/s, the time per epoch per 100k images that README estimates, and the peak GPU memory
+  (--quick: batch 256 in 2 micro-batches of 128; CPU: a tiny model at 32 px, batch 16 in 4).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ import contextlib
 import copy
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -442,6 +447,41 @@ def section_throughput(ctx: Context) -> str:
     return f"ResNet-{depth} x{width:g} {size} px, batch {batch} images ({2 * batch} views), {ctx.precision}: " + "; ".join(lines)
 
 
+def section_preset_gpu224(ctx: Context) -> str:
+    import run as bench_run
+
+    from simclrv2.config import load_preset, make_config
+
+    if ctx.cuda:
+        size, options = 224, dict(batch_size=256, accumulate=2) if ctx.quick else {}
+    else:
+        size, options = 32, dict(depth=18, width=0.125, batch_size=16, accumulate=4)
+    cfg = make_config("pretrain", load_preset("gpu-224"), out="unused", device=ctx.device, precision=ctx.precision,
+                      workers=0, knn_every=0, **options)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2 * cfg.batch_size, 3, size, size), dtype=torch.uint8, generator=gen)
+    task, rt, ds, spec = _task(ctx, cfg, images)
+    step = bench_run.our_step(task, cfg, rt, ds, "pretrain", spec)
+    step()  # warm-up: cuDNN's algorithm search, the allocator's pools
+    ctx.sync()
+    if ctx.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    seconds = []
+    for _ in range(2 if ctx.quick else 5):
+        t0 = time.perf_counter()
+        step()
+        ctx.sync()
+        seconds.append(time.perf_counter() - t0)
+    if not all(torch.isfinite(p).all() for p in task.model.parameters()):
+        raise AssertionError("non-finite parameters after the steps")
+    rate = cfg.batch_size / statistics.median(seconds)
+    detail = (f"ResNet-{cfg.depth} x{cfg.width:g} {size} px {ctx.precision}, batch {cfg.batch_size} in {cfg.accumulate} "
+              f"micro-batches: {rate:,.0f} images/s, {100_000 / rate:,.0f} s per epoch per 100k images")
+    if ctx.cuda:
+        detail += f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    return detail
+
+
 SECTIONS = {
     "environment": section_environment,
     "pretrain": section_pretrain,
@@ -456,6 +496,7 @@ SECTIONS = {
     "sync_bn": section_sync_bn,
     "augment_cuda_vs_cpu": section_augment_cuda_vs_cpu,
     "throughput": section_throughput,
+    "preset_gpu224": section_preset_gpu224,
 }
 
 

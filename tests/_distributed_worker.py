@@ -7,8 +7,8 @@
 1. Global BatchNorm check: GlobalBatchNorm on 2 ranks x n rows against nn.BatchNorm on the 2n
    rows in this process (outputs, input / parameter gradients, running statistics) ->
    OUT/bn_check.json (written by rank 0).
-2. The stages of :func:`stage_configs` (the same configs the test runs in one process) with
-   outputs in OUT/<name>.
+2. The stages of :func:`stage_configs` (the same configs the test runs in one process, but
+   ``ONE_PROCESS_ONLY``) with outputs in OUT/<name>.
 3. The memory-queue pretraining again, interrupted after its 2nd step (checkpoint at step 2) and
    continued by running it again (as a torchrun restart does): OUT/pretrain_resumed.
 """
@@ -26,6 +26,7 @@ DIGITS = dict(dataset="digits", precision="fp32", device="cpu", seed=3, log_ever
               label_fraction=0.1)
 MODEL = dict(depth=18, width=0.125)
 STEPS = 3
+ONE_PROCESS_ONLY = ("pretrain_accumulate4",)  # the reference of a two-process run with other options
 
 
 def _epochs(images: int, batch: int) -> float:
@@ -59,6 +60,12 @@ def stage_configs(out: Path, start: Path) -> list[tuple[str, str, dict]]:
         # activation checkpointing: global BN runs (and all-gathers) again in the recomputation; compared
         # with the one-process run of "pretrain", without checkpointing (REFERENCE in test_distributed.py)
         ("pretrain_checkpointed", "pretrain", dict(pre, out=str(out / "pretrain_checkpointed"), activation_checkpointing=True)),
+        # gradient accumulation, 2 micro-batches of 8 images per process, BN per process (--no-sync-bn): the
+        # micro-batches are the global batch's blocks of 8, those of one process with 4 (ONE_PROCESS_ONLY)
+        ("pretrain_accumulate", "pretrain", dict(pre, out=str(out / "pretrain_accumulate"), memory_size=80, memory_decay=0.9,
+                                                 accumulate=2, sync_bn=False)),
+        ("pretrain_accumulate4", "pretrain", dict(pre, out=str(out / "pretrain_accumulate4"), memory_size=80,
+                                                  memory_decay=0.9, accumulate=4, sync_bn=False)),
         ("finetune", "finetune", dict(DIGITS, out=str(out / "finetune"), pretrained=str(start / "pretrained"),
                                       batch_size=32, epochs=_epochs(144, 32), lr=0.05)),
         ("distill", "distill", dict(DIGITS, out=str(out / "distill"), teacher=str(start / "teacher"),
@@ -170,7 +177,7 @@ def main() -> None:
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bn_check.json").write_text(json.dumps(errors, indent=1))
-    run_stages(out, start)
+    run_stages(out, start, skip=ONE_PROCESS_ONLY)
     interrupted_then_resumed(out, start)
     torch.distributed.destroy_process_group()
 

@@ -57,7 +57,7 @@ def test_presets_command_lists_each_preset_with_its_purpose(capsys):
 
     assert main(["presets"]) == 0
     lines = dict(line.split(None, 1) for line in capsys.readouterr().out.strip().splitlines())
-    assert set(lines) == {"cpu-demo", "cpu-full", "imagenet", "tiny"}
+    assert set(lines) == {"cpu-demo", "cpu-full", "gpu-224", "imagenet", "tiny"}
     assert "tests and smoke checks only" in lines["tiny"] and "2 hours" in lines["cpu-full"]
     assert all(text.strip().endswith(".") for text in lines.values())  # a whole sentence, not a cut-off line
 

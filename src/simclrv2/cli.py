@@ -62,6 +62,11 @@ HELP = {
     "allow_unverified": "load input checkpoints that have no checksum (a warning names each)",
     "lr": "base learning rate (scaled by --lr-scaling and the batch size)",
     "batch_size": "global batch size (all processes together)",
+    "accumulate": "gradient accumulation: each batch as K micro-batches of batch/K images, one after the other, for "
+                  "the update of the whole batch in about 1/K of the activation memory (BatchNorm normalises each "
+                  "micro-batch by its own statistics; pretraining adds a first pass without gradients, about 1/3 more "
+                  "compute); K must divide the images per process",
+    "workers": "decode workers per process for image folders, or auto (the cores of this process less one, at most 8)",
     "precision": "auto (bf16 where the hardware computes it natively, else fp32) | bf16 | fp16 (CUDA GPUs without "
                  "bf16, e.g. V100/T4; with loss scaling) | fp32 (IEEE: TF32 off unless --tf32)",
     "tf32": "CUDA: TF32 float32 matmuls and convolutions (default: on, except with --precision fp32)",
@@ -82,6 +87,11 @@ _TYPES = {"int": int, "float": float, "str": str}
 CHOICES = {"bit_depth": BIT_DEPTH_CHOICES, "stem": STEMS, "feature_norm": FEATURE_NORMS}  # str options with a fixed set of values
 
 
+def _workers(value: str) -> int | str:
+    """--workers N or auto (resolved by make_config)."""
+    return value if value == "auto" else int(value)
+
+
 def _add_config_options(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -95,7 +105,8 @@ def _add_config_options(parser: argparse.ArgumentParser, cls) -> None:
         elif f.name in CHOICES:
             parser.add_argument(flag, dest=f.name, choices=CHOICES[f.name], default=None, help=help_)
         else:
-            parser.add_argument(flag, dest=f.name, type=_TYPES[base], default=None, help=help_, metavar=base.upper())
+            type_ = _workers if f.name == "workers" else _TYPES[base]
+            parser.add_argument(flag, dest=f.name, type=type_, default=None, help=help_, metavar=base.upper())
 
 
 def _stage_parser(sub, name: str, stage: str, help_: str) -> None:

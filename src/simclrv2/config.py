@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -48,7 +49,7 @@ class RunConfig:
     channels_last: bool = False
     compile: bool = False
     activation_checkpointing: bool = False  # recompute the encoder's blocks in backward: less memory, ~1/3 more compute
-    workers: int = 2  # decode workers for on-disk image folders
+    workers: int = 2  # decode workers for on-disk image folders (per process); "auto" in presets and options: auto_workers()
     skip_bad_images: bool = False  # image folders: skip unreadable files (logged) instead of stopping
     check_images: bool = True  # image folders: decode every image before training (cached per file)
     dist_timeout: float = DIST_TIMEOUT_S  # seconds a collective may wait under torchrun before the run fails
@@ -57,6 +58,7 @@ class RunConfig:
     allow_unverified: bool = False  # load input checkpoints that have no checksum (with a warning)
     epochs: float = 10
     batch_size: int = 256  # global batch (all processes together)
+    accumulate: int = 1  # micro-batches per batch (gradient accumulation): the same update in 1/K of the activations
     lr: float = 0.1  # base learning rate, scaled by lr_scaling
     lr_scaling: str = "sqrt"  # sqrt (lr·√B) | linear (lr·B/256) | none
     warmup_fraction: float = 0.0
@@ -253,6 +255,11 @@ def validate(cfg: RunConfig) -> None:
         bad("epochs", f"must be > 0, got {cfg.epochs}")
     if cfg.batch_size < 2:
         bad("batch_size", f"must be >= 2, got {cfg.batch_size}")
+    if cfg.accumulate < 1:
+        bad("accumulate", f"must be >= 1 (1: no accumulation), got {cfg.accumulate}")
+    if cfg.batch_size % cfg.accumulate:
+        bad("accumulate", f"{cfg.accumulate} does not divide --batch-size {cfg.batch_size} into equal micro-batches; "
+                          f"expected a divisor of {cfg.batch_size}")
     if cfg.lr < 0:
         bad("lr", f"must be >= 0, got {cfg.lr}")
     if cfg.lr_scaling not in ("sqrt", "linear", "none"):
@@ -445,6 +452,14 @@ def _pipeline_choices(preset: dict[str, Any], stage: str, values: dict[str, Any]
         values["init_from"] = values.get("teacher")
 
 
+def auto_workers() -> int:
+    """``workers: auto``: the CPU cores this process may use, shared by the processes of this machine
+    (torchrun's ``LOCAL_WORLD_SIZE``), less one for the training process itself; at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_process - 1))
+
+
 def make_config(stage: str, preset: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
     cls = STAGE_CONFIGS[stage]
     preset = preset or {}
@@ -454,6 +469,8 @@ def make_config(stage: str, preset: dict[str, Any] | None = None, **overrides: A
     resolve_layout(values, explicit)  # (before the per-fraction choices: a labelled folder's fraction is 1)
     _pipeline_choices(preset, stage, values, explicit)
     values.update(explicit)  # explicit options win
+    if values.get("workers") == "auto":
+        values["workers"] = auto_workers()
     names = {f.name for f in fields(cls)}
     unknown = set(values) - names
     if unknown:

@@ -40,7 +40,9 @@ from simclrv2.runtime import Runtime, log
 
 
 class Task:
-    """What a stage trains. Subclasses set ``model`` and implement ``loss``.
+    """What a stage trains. Subclasses set ``model`` and implement either ``inputs`` and ``loss_of``
+    (a loss that is a mean over the batch's images: the classifier stages) or ``loss`` and
+    ``accumulation`` (pretraining's NT-Xent, whose every image is every other's negative).
 
     ``net`` is what the step calls: ``model`` itself, or its DDP wrapper under torchrun.
 
@@ -49,6 +51,9 @@ class Task:
     from it and apply this process's rows (``batch_rows(len(images), rt)``), so the views do
     not depend on the number of processes. A loss must be a mean over this process's equal
     share of the global batch's terms (DDP averages the gradients over processes).
+
+    ``accumulation`` serves ``--accumulate K`` (:func:`accumulate_gradients`): the step's batch
+    as K micro-batches whose gradients add up to the batch's.
     """
 
     model: nn.Module
@@ -60,8 +65,25 @@ class Task:
     # the linear classifiers, as the official head_supervised (:func:`simclrv2.optim.param_groups`)
     lars_excluded: tuple[str, ...] = CLASSIFIER_PREFIXES
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def inputs(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The model inputs of this process's images, one row each: the augmented views, their
+        parameters drawn for the global batch."""
         raise NotImplementedError
+
+    def loss_of(self, x: torch.Tensor, labels: torch.Tensor, batch_labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of the rows ``x`` (with ``labels``) as their part of the loss of the batch they
+        belong to, whose labels are ``batch_labels``: a mean over the rows weighted by their share
+        of the batch (:func:`simclrv2.losses.part_of_mean`), a mean over the labelled rows divided by the
+        batch's count. Summed over the micro-batches of a batch, the batch's loss."""
+        raise NotImplementedError
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The batch's loss and its logged parts, in one pass."""
+        return self.loss_of(self.inputs(images, generator), labels, labels)
+
+    def accumulation(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, k: int) -> Accumulation:
+        """The step's batch as ``k`` micro-batches (default: :class:`MeanAccumulation`)."""
+        return MeanAccumulation(self, images, labels, generator, k)
 
     def train(self) -> None:
         """Put the model in training mode (stages with frozen parts override)."""
@@ -72,6 +94,52 @@ class Task:
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         return {}
+
+
+class Accumulation:
+    """One step's batch as ``k`` micro-batches of equal size (``--accumulate K``): what
+    :func:`accumulate_gradients` backpropagates one after the other. Made by ``Task.accumulation``,
+    after which the augmented views of the whole batch exist (drawn once, as in one pass)."""
+
+    def micro_loss(self, j: int) -> torch.Tensor:
+        """Micro-batch ``j``'s differentiable loss: its gradient is micro-batch j's part of the batch's."""
+        raise NotImplementedError
+
+    def result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The batch's loss and parts (no gradient), as ``Task.loss`` logs them; after the last micro-batch."""
+        raise NotImplementedError
+
+
+def micro_batch_rows(batch: int, k: int) -> list[slice]:
+    """The rows of each of ``k`` equal micro-batches of a batch of ``batch`` rows."""
+    m = batch // k
+    return [slice(j * m, (j + 1) * m) for j in range(k)]
+
+
+class MeanAccumulation(Accumulation):
+    """A loss that is a mean over the batch's images (cross-entropy, distillation): the views of the
+    whole batch are computed once (``task.inputs``, the same views as in one pass), and micro-batch
+    j's loss is ``task.loss_of`` its rows, weighted as their part of the batch's mean, so the
+    gradients sum to the batch's. Exact up to BatchNorm, which normalises each micro-batch by its
+    own statistics (docs/method.md §4, gradient accumulation)."""
+
+    def __init__(self, task: Task, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, k: int):
+        self.task, self.labels = task, labels
+        self.x = task.inputs(images, generator)
+        self.rows = micro_batch_rows(labels.shape[0], k)
+        self.sums: torch.Tensor | None = None  # the micro-batches' loss and parts, summed
+        self.parts: list[str] = []
+
+    def micro_loss(self, j: int) -> torch.Tensor:
+        rows = self.rows[j]
+        loss, parts = self.task.loss_of(self.x[rows], self.labels[rows], self.labels)
+        values = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())])
+        self.sums = values if self.sums is None else self.sums + values
+        self.parts = list(parts)
+        return loss
+
+    def result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.sums[0], dict(zip(self.parts, self.sums[1:]))
 
 
 @dataclass
@@ -214,26 +282,56 @@ def _divergence_advice(last: Path) -> str:
 
 
 def train_step(task: Task, opt: torch.optim.Optimizer, rt: Runtime, images: torch.Tensor, labels: torch.Tensor,
-               lr: float, generator: torch.Generator, scaler=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               lr: float, generator: torch.Generator, scaler=None, accumulate: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimisation step at learning rate ``lr`` (:meth:`Trainer.step` adds the schedule and
     the bookkeeping): loss, backward, update, ``task.after_step()``; returns ``task.loss``'s (loss, parts).
+
+    ``accumulate`` > 1: the gradient of the batch's loss in that many micro-batches
+    (:func:`accumulate_gradients`), then the one update.
 
     ``scaler`` (fp16, :meth:`Runtime.grad_scaler`): the loss is scaled before backward and the
     gradients unscaled before the optimiser sees them (LARS's trust ratio included); a step whose
     gradients overflowed is skipped and the scale lowered, as ``torch.amp.GradScaler`` does."""
     set_lr(opt, lr)
-    with rt.autocast():
-        loss, parts = task.loss(images, labels, generator)
-    opt.zero_grad(set_to_none=True)
+    backward = (lambda loss: loss.backward()) if scaler is None else (lambda loss: scaler.scale(loss).backward())
+    if accumulate == 1:
+        with rt.autocast():
+            loss, parts = task.loss(images, labels, generator)
+        opt.zero_grad(set_to_none=True)
+        backward(loss)
+    else:
+        opt.zero_grad(set_to_none=True)
+        loss, parts = accumulate_gradients(task, rt, images, labels, generator, accumulate, backward)
     if scaler is None:
-        loss.backward()
         opt.step()
     else:
-        scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
     task.after_step()
     return loss, parts
+
+
+def accumulate_gradients(task: Task, rt: Runtime, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                         k: int, backward) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Gradient accumulation (``--accumulate K``, docs/method.md §4): the gradient of the batch's loss
+    from ``k`` micro-batches of B/k images, backpropagated one after the other (``backward(loss)``)
+    and summed in the parameters' ``.grad``, so that only one micro-batch's activations are held
+    at a time. ``task.accumulation`` prepares the step (the views of the whole batch, drawn once;
+    pretraining's first pass, :class:`simclrv2.stages.pretrain.CachedEmbeddings`). Under DDP only
+    the last micro-batch's backward all-reduces the gradients. Returns the batch's (loss, parts)."""
+    step = task.accumulation(images, labels, generator, k)
+    for j in range(k):
+        with _gradient_sync(task.net, last=j == k - 1):
+            with rt.autocast():
+                loss = step.micro_loss(j)
+            backward(loss)
+    return step.result()
+
+
+def _gradient_sync(net: nn.Module, last: bool):
+    """DDP's ``no_sync()`` but for the last micro-batch (its backward all-reduces the summed gradients)."""
+    no_sync = getattr(net, "no_sync", None)
+    return contextlib.nullcontext() if last or no_sync is None else no_sync()
 
 
 _STEP_HOOKS: list = []
@@ -277,6 +375,9 @@ class Trainer:
         if cfg.batch_size % rt.world_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {rt.world_size} processes")
         batch, self.total = plan_steps(self.stage, cfg, len(data), rt.world_size)  # (the batch capped by the images)
+        if (batch // rt.world_size) % cfg.accumulate:
+            raise ConfigError(f"--accumulate {cfg.accumulate} does not divide the {batch // rt.world_size} images per "
+                              f"process of --batch-size {batch} ({rt.world_size} processes) into equal micro-batches")
         self.stream = BatchStream(data, batch, cfg.seed, rt, cfg.workers)
         if self.stream.steps_per_epoch == 0:
             raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training images of stage {self.stage}")
@@ -374,7 +475,8 @@ class Trainer:
         augmentation generator; its loss and parts added to the log window; then the step hooks."""
         self.lr = self.schedule(self.step_count)
         generator = step_generator(self.cfg.seed, self.step_count, self.rt.device)
-        loss, parts = train_step(self.task, self.opt, self.rt, images, labels, self.lr, generator, self.scaler)
+        loss, parts = train_step(self.task, self.opt, self.rt, images, labels, self.lr, generator, self.scaler,
+                                 self.cfg.accumulate)
         values = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())])
         self._sums = values if self._sums is None else self._sums + values
         self._parts = list(parts)

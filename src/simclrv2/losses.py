@@ -82,6 +82,13 @@ class NTXentLoss(nn.Module):
         return F.cross_entropy(logits, positive_cols)
 
 
+def part_of_mean(mean: torch.Tensor, rows: int, batch_rows: int) -> torch.Tensor:
+    """A mean over ``rows`` rows as their part of the mean over the ``batch_rows`` rows of their
+    batch (gradient accumulation: summed over the micro-batches, the batch's mean); ``mean``
+    itself when the rows are the whole batch."""
+    return mean if rows == batch_rows else mean * (rows / batch_rows)
+
+
 class DistillationLoss(nn.Module):
     """Distillation with temperature τ and an optional mix with the true labels (docs/method.md §6).
 
@@ -93,7 +100,9 @@ class DistillationLoss(nn.Module):
     CE is the mean over the labelled rows (label >= 0); with α = 1 (default) labels are unused.
     ``num_labelled`` (optional) replaces this batch's count of labelled rows as the CE
     denominator (multi-process training passes the global count / processes, so that the
-    average over processes is the global batch's mean).
+    average over processes is the global batch's mean). ``batch_rows`` (gradient accumulation): the
+    rows are a micro-batch of a batch of that many rows, and the distillation term is their part of
+    its mean (:func:`part_of_mean`; ``num_labelled`` is then the whole batch's count).
     The teacher is fixed: no gradient flows into ``teacher_logits``.
     """
 
@@ -107,11 +116,12 @@ class DistillationLoss(nn.Module):
         self.alpha = alpha
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
-                num_labelled: torch.Tensor | None = None) -> torch.Tensor:
+                num_labelled: torch.Tensor | None = None, batch_rows: int | None = None) -> torch.Tensor:
         t = self.temperature
+        n = student_logits.shape[0]
         p_teacher = F.softmax(teacher_logits.detach().float() / t, dim=1)
         log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
-        loss = -(p_teacher * log_p_student).sum(dim=1).mean()
+        loss = part_of_mean(-(p_teacher * log_p_student).sum(dim=1).mean(), n, batch_rows or n)
         if self.alpha < 1.0:
             if labels is None:
                 raise ValueError("DistillationLoss with alpha < 1 needs labels")

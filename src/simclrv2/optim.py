@@ -132,14 +132,15 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def plan_steps(stage: str, cfg, n_images: int, world_size: int = 1) -> tuple[int, int]:
     """(global batch, total optimiser steps) of a stage on ``n_images`` training images.
 
-    The batch is ``cfg.batch_size`` capped by the images (the largest multiple of the processes that
-    fits; a log line says so); the steps are ``cfg.epochs`` epochs of ``n_images // batch`` steps,
+    The batch is ``cfg.batch_size`` capped by the images (the largest multiple of the processes x
+    ``--accumulate`` that fits; a warning says so); the steps are ``cfg.epochs`` epochs of ``n_images // batch`` steps,
     at least ``cfg.min_steps`` (classifier stages: on a small labelled set more epochs; the
     built-in presets already train longer; docs/method.md §8). A warning names the stage when
     the run has fewer than ``SHORT_RUN`` steps."""
     batch = cfg.batch_size
-    if batch > n_images >= world_size:
-        batch = n_images // world_size * world_size
+    unit = world_size * getattr(cfg, "accumulate", 1)  # equal shares for the processes and their micro-batches
+    if batch > n_images >= unit:
+        batch = n_images // unit * unit
         log.warning(f"{stage}: --batch-size {cfg.batch_size} is more than the {n_images} training images: batches "
                     f"of {batch}")
     steps_per_epoch = n_images // batch if batch else 0

@@ -345,6 +345,15 @@ class _BatchNormStatisticsFrozen:
         return False
 
 
+def frozen_batchnorm_statistics(module: nn.Module) -> _BatchNormStatisticsFrozen:
+    """``with frozen_batchnorm_statistics(module): ...``: the BatchNorms inside ``module`` normalise
+    with the batch statistics as usual, but leave their running statistics and counts as they are
+    (:class:`_BatchNormStatisticsFrozen`). For a forward that repeats one whose statistics were
+    counted already: activation checkpointing's recomputation, gradient accumulation's second pass
+    in pretraining (:class:`simclrv2.stages.pretrain.CachedEmbeddings`)."""
+    return _BatchNormStatisticsFrozen([module])
+
+
 def _contexts(modules: list[nn.Module]):
     return contextlib.nullcontext(), _BatchNormStatisticsFrozen(modules)
 

@@ -24,7 +24,7 @@ from simclrv2.data.augment import EvalTransform, FinetuneAugment, active_view_tr
 from simclrv2.distributed import global_count_share, wrap_model
 from simclrv2.engine import Task, batch_rows, fit
 from simclrv2.errors import ConfigError, DataError
-from simclrv2.losses import DistillationLoss
+from simclrv2.losses import DistillationLoss, part_of_mean
 from simclrv2.checkpoint import CheckpointMeta, load_model
 from simclrv2.models import Classifier, ModelSpec, build_model, count_params, model_spec, set_activation_checkpointing
 from simclrv2.rundir import StageRun
@@ -49,12 +49,12 @@ class SupervisedTask(Task):
         self.augment = FinetuneAugment(image_size, crop_scale=(cfg.crop_min, 1.0), pad_crop=cfg.pad_crop,
                                        extra=active_view_transforms())
 
-    def view(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def inputs(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = self.augment(images, generator, rows=batch_rows(images.shape[0], self.rt))  # drawn for the global batch
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
-    def loss(self, images, labels, generator):
-        return F.cross_entropy(self.net(self.view(images, generator)).float(), labels), {}
+    def loss_of(self, x, labels, batch_labels):
+        return part_of_mean(F.cross_entropy(self.net(x).float(), labels), len(labels), len(batch_labels)), {}
 
 
 class LinearEvalTask(SupervisedTask):
@@ -93,15 +93,17 @@ class DistillTask(SupervisedTask):
             # classifier (near-zero weights) stays out: LARS's step is proportional to ||w||, it would barely move.
             self.lars_excluded = ()
 
-    def loss(self, images, labels, generator):
-        x = self.view(images, generator)
+    def loss_of(self, x, labels, batch_labels):
         # the teacher first: its forward's buffers are freed before the student's activations pile up
         # (after them, this forward was ~50% slower on the CPU); the results are the same
         with torch.no_grad():
             teacher_logits = self.teacher(x)  # the same augmented view as the student
         logits = self.net(x)
-        share = global_count_share(labels >= 0) if self.distill.alpha < 1.0 and self.rt.distributed else None
-        return self.distill(logits, teacher_logits, labels, share), {}
+        whole = len(labels) == len(batch_labels)
+        # the labels' cross-entropy divides by the (global) batch's count of labelled images
+        share = global_count_share(batch_labels >= 0) \
+            if self.distill.alpha < 1.0 and (self.rt.distributed or not whole) else None
+        return self.distill(logits, teacher_logits, labels, share, len(batch_labels)), {}
 
 
 def _train_classifier(cfg: RunConfig, model: Classifier, data, rt: Runtime, train_set, out: Path,
