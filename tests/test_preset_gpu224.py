@@ -45,7 +45,7 @@ def test_its_pretraining_and_fine_tuning_run_a_step_at_a_tiny_size(folder, tmp_p
     result = pretrain(cfg)
     assert [r["step"] for r in metrics(tmp_path / "pre")] == [1] and result["final_loss"] > 0
     cfg = make_config("finetune", PRESET, out=str(tmp_path / "ft"), pretrained=str(tmp_path / "pre"), batch_size=8,
-                      label_fraction=1.0, **{k: v for k, v in tiny.items() if k not in ("depth", "width")})
+                      label_fraction=1.0, min_steps=0, **{k: v for k, v in tiny.items() if k not in ("depth", "width")})
     assert cfg.accumulate == 4
     result = finetune(cfg)
     meta = ckpt.read_meta(tmp_path / "ft" / "final.safetensors")

@@ -374,10 +374,11 @@ class Trainer:
         self.out, self.stage = Path(out_dir), meta.stage
         if cfg.batch_size % rt.world_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {rt.world_size} processes")
-        batch, self.total = plan_steps(self.stage, cfg, len(data), rt.world_size)  # (the batch capped by the images)
-        if (batch // rt.world_size) % cfg.accumulate:
-            raise ConfigError(f"--accumulate {cfg.accumulate} does not divide the {batch // rt.world_size} images per "
-                              f"process of --batch-size {batch} ({rt.world_size} processes) into equal micro-batches")
+        if (cfg.batch_size // rt.world_size) % cfg.accumulate:
+            raise ConfigError(f"--accumulate {cfg.accumulate} does not divide the {cfg.batch_size // rt.world_size} images per "
+                              f"process of --batch-size {cfg.batch_size} ({rt.world_size} processes) into equal micro-batches")
+        # the batch capped by the images (a multiple of processes x --accumulate: equal micro-batches still)
+        batch, self.total = plan_steps(self.stage, cfg, len(data), rt.world_size)
         self.stream = BatchStream(data, batch, cfg.seed, rt, cfg.workers)
         if self.stream.steps_per_epoch == 0:
             raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training images of stage {self.stage}")
