@@ -723,7 +723,10 @@ def decode_image(path: str, image_size: int, label: str | None = None, bit_depth
         arr = _resize_array(arr, nh, nw)
         top, left = (nh - image_size) // 2, (nw - image_size) // 2
         arr = arr[top : top + image_size, left : left + image_size]
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # arrays viewing Pillow's buffer are read-only
+        arr = arr.copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 def probe_image(path: str, decode_side: int | None = None, decode: bool = True) -> dict:
