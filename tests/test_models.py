@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from simclrv2.errors import ConfigError
 from simclrv2.models import Classifier, SimCLRModel, build_resnet, sk_options
 from simclrv2.models.head import BatchNorm1dNoShift
 
@@ -70,10 +69,10 @@ def test_last_bn_of_each_branch_is_zero_initialised():
     assert torch.allclose(block(x), torch.relu(x))
 
 
-def test_bad_depth_and_width_are_config_errors():
-    with pytest.raises(ConfigError, match="depth"):
+def test_bad_depth_and_width_are_value_errors_in_the_library_names():
+    with pytest.raises(ValueError, match="ResNet: depth 42"):
         build_resnet(42)
-    with pytest.raises(ConfigError, match="width"):
+    with pytest.raises(ValueError, match="ResNet: width_multiplier -1"):
         build_resnet(50, -1)
 
 
@@ -111,5 +110,5 @@ def test_finetune_model_keeps_exactly_k_head_layers(k):
 
 def test_head_layer_out_of_range():
     model = SimCLRModel(build_resnet(18, 0.25, stem_type="small"), head_layers=2)
-    with pytest.raises(ConfigError, match="head"):
+    with pytest.raises(ValueError, match="k=3 is not available; the head has 2 layers"):
         Classifier.from_pretrained(model, 10, head_layer=3)

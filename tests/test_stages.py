@@ -296,3 +296,13 @@ def test_batch_larger_than_dataset_is_capped(tmp_path, caplog):
     assert (meta.steps_per_epoch, meta.total_steps, result["labeled_images"]) == (1, 3, 144)
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["lr"] == pytest.approx(0.1 * 144 / 256)  # the first step's: the peak for a batch of 144
+
+
+def test_a_head_layer_the_pretrained_model_lacks_is_a_one_line_error(tiny_pretrained, tmp_path, capsys):
+    from simclrv2.cli import main
+
+    rc = main(["-q", "linear-eval", "--out", str(tmp_path / "lin"), "--pretrained", str(tiny_pretrained[0]),
+               "--dataset", "digits", "--head-layer", "4", "--epochs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "--head-layer 4 is not available" in err and "has 3 head layers" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from simclrv2.distributed import gather_with_grad
-from simclrv2.errors import ConfigError
 from simclrv2.runtime import ieee_fp32_matmul
 
 
@@ -41,7 +40,7 @@ class NTXentLoss(nn.Module):
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = False):
         super().__init__()
         if not temperature > 0:
-            raise ConfigError(f"--temperature must be > 0, got {temperature}")
+            raise ValueError(f"{type(self).__name__}: temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.gather_distributed = gather_distributed
 
@@ -109,9 +108,9 @@ class DistillationLoss(nn.Module):
     def __init__(self, temperature: float = 1.0, alpha: float = 1.0):
         super().__init__()
         if not temperature > 0:
-            raise ConfigError(f"--temperature must be > 0, got {temperature}")
+            raise ValueError(f"{type(self).__name__}: temperature must be > 0, got {temperature}")
         if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"--alpha must be in [0, 1], got {alpha}")
+            raise ValueError(f"DistillationLoss: alpha must be in [0, 1], got {alpha}")
         self.temperature = temperature
         self.alpha = alpha
 

@@ -7,7 +7,6 @@ import math
 import torch
 from torch import nn
 
-from simclrv2.errors import ConfigError
 from simclrv2.runtime import log
 
 SHORT_RUN = 100  # optimiser steps: fewer are too few to learn much (a warning names the stage)
@@ -55,7 +54,7 @@ class LARS(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, layer_adaptation: bool = True):
         if lr < 0:
-            raise ConfigError(f"--lr must be >= 0, got {lr}")
+            raise ValueError(f"LARS: lr must be >= 0, got {lr}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         trust_coefficient=trust_coefficient, layer_adaptation=layer_adaptation)
         super().__init__(params, defaults)
@@ -105,7 +104,7 @@ def scale_lr(base_lr: float, batch_size: int, scaling: str) -> float:
         return base_lr * math.sqrt(batch_size)
     if scaling == "none":
         return base_lr
-    raise ConfigError(f"--lr-scaling must be one of linear, sqrt, none; got {scaling!r}")
+    raise ValueError(f"scale_lr: scaling must be one of linear, sqrt, none; got {scaling!r}")
 
 
 class WarmupCosine:

@@ -672,7 +672,7 @@ class PretrainAugment(torch.nn.Module):
         float rounding (the luma's small matrix products may round differently by batch size)."""
         if len(images.shape) != 4:
             raise ValueError(f"expected images of shape [B, C, H, W], got {tuple(images.shape)}")
-        batch, channels = images.shape[0], images.shape[1]
+        batch = images.shape[0]
         offset, total = _check_rows(rows, batch)
         height, width = _sizes(images, offset, total)
         draws = [self.sample_params(total, height, width, generator) for _ in range(n)]

@@ -12,7 +12,6 @@ import copy
 import torch
 from torch import nn
 
-from simclrv2.errors import ConfigError
 from simclrv2.models.resnet import BN_EPS, BN_MOMENTUM
 
 
@@ -42,7 +41,7 @@ class ProjectionHead(nn.Module):
     def __init__(self, in_dim: int, num_layers: int = 3, out_dim: int = 128):
         super().__init__()
         if not 0 <= num_layers <= 4:
-            raise ConfigError(f"--head-layers {num_layers} is not supported; expected 0 to 4")
+            raise ValueError(f"ProjectionHead: num_layers {num_layers} is not supported; expected 0 to 4")
         self.in_dim = in_dim
         self.layers = nn.ModuleList(
             HeadLayer(in_dim, out_dim if j == num_layers - 1 else in_dim, last=j == num_layers - 1)
@@ -65,7 +64,7 @@ class ProjectionHead(nn.Module):
     def truncated(self, k: int) -> ProjectionHead:
         """A copy of the first ``k`` layers (the part fine-tuning keeps)."""
         if not 0 <= k <= len(self.layers):
-            raise ConfigError(f"--head-layer {k} is not available; the head has {len(self.layers)} layers (0 to {len(self.layers)})")
+            raise ValueError(f"ProjectionHead.truncated: k={k} is not available; the head has {len(self.layers)} layers (0 to {len(self.layers)})")
         head = copy.deepcopy(self)
         head.layers = head.layers[:k]
         head.out_dim = head.layers[-1].linear.out_features if k else self.in_dim

@@ -234,9 +234,9 @@ class ResNet(nn.Module):
                  stem_type: str = "default", avg_down: bool = False, in_channels: int = 3):
         super().__init__()
         if depth not in STAGES:
-            raise ConfigError(f"--depth {depth} is not supported; expected one of {sorted(STAGES)}")
+            raise ValueError(f"ResNet: depth {depth} is not supported; expected one of {sorted(STAGES)}")
         if not (width_multiplier > 0 and scaled(64, width_multiplier) >= 1):
-            raise ConfigError(f"--width {width_multiplier} is not supported; expected a positive multiplier such as 0.25, 1, 2, 3")
+            raise ValueError(f"ResNet: width_multiplier {width_multiplier} is not supported; expected a positive multiplier such as 0.25, 1, 2, 3")
         if stem_type not in STEM_TYPES:
             raise ValueError(f"stem_type {stem_type!r} is not supported; expected one of {', '.join(STEM_TYPES)}")
         kind, blocks = STAGES[depth]

@@ -152,6 +152,13 @@ def _classes_needed(stage: str, cfg: RunConfig, data, train_set) -> None:
                         f"needs at least 2 (one {layout} folder per class)")
 
 
+def _require_head_layer(k: int, pmeta, source) -> None:
+    n = pmeta.model.head_layers
+    if not 0 <= k <= n:
+        raise ConfigError(f"--head-layer {k} is not available: the pretrained model {source} has {n} head layers "
+                          f"(0 to {n})")
+
+
 @stage_function("finetune", "pretrained")
 def finetune(cfg: FinetuneConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     """Fine-tune a pretrained encoder + head up to layer k + linear classifier on the labeled subset."""
@@ -161,6 +168,7 @@ def finetune(cfg: FinetuneConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     _classes_needed("finetune", cfg, data, data.labeled)
     fraction = _label_fraction(cfg, data)
     k = cfg.head_layer if cfg.head_layer is not None else (1 if fraction <= 0.1 else 0)
+    _require_head_layer(k, pmeta, cfg.pretrained)
     model = Classifier.from_pretrained(pretrained, len(data.classes), k)
     spec = _classifier_of(pmeta.model, data, k)
     model = to_device(model, rt, cfg.channels_last)
@@ -189,6 +197,7 @@ def linear_eval(cfg: LinearEvalConfig, rt: Runtime, run: StageRun) -> dict[str, 
     pretrained, pmeta = load_model(cfg.pretrained, "simclr")
     data = prepare_data(cfg, out if rt.is_main else None, with_unlabeled_split=False)
     _classes_needed("linear-eval", cfg, data, data.labeled)
+    _require_head_layer(cfg.head_layer, pmeta, cfg.pretrained)
     norm = _feature_norm(cfg, pretrained, data, rt)
     model = Classifier.from_pretrained(pretrained, len(data.classes), cfg.head_layer, feature_norm=norm)
     spec = _classifier_of(pmeta.model, data, cfg.head_layer).replace(feature_norm=norm)
