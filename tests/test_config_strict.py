@@ -87,3 +87,23 @@ def test_a_stage_run_alone_with_a_preset_does_what_the_pipeline_does(preset_name
         ft = make_config("finetune", preset, out="x", pretrained="p", label_fraction=0.1)
         assert ft.head_layer == 0 and ft.epochs == 40 and ft.batch_size == 128
         assert make_config("distill", preset, out="x", teacher="t", label_fraction=0.01).init_from == "t"
+
+
+def test_defaults_of_the_commands_that_use_models_live_in_one_place():
+    """The CLI's defaults and the functions' defaults are config's EVALUATE/INFERENCE/IMPORT_TF_DEFAULTS."""
+    import inspect
+
+    from simclrv2 import inference
+    from simclrv2.cli import build_parser
+    from simclrv2.config import EVALUATE_DEFAULTS, IMPORT_TF_DEFAULTS, INFERENCE_DEFAULTS
+    from simclrv2.stages import evaluate
+
+    parser = build_parser()
+    cases = [("evaluate", evaluate, EVALUATE_DEFAULTS, ["x"]), ("embed", inference.embed, INFERENCE_DEFAULTS, ["x", "y", "--out", "z"]),
+             ("predict", inference.predict, INFERENCE_DEFAULTS, ["x", "y", "--out", "z"]),
+             ("import-tf", inference.import_tf, IMPORT_TF_DEFAULTS, ["x", "--out", "z"])]
+    for command, fn, defaults, args in cases:
+        parsed = vars(parser.parse_args([command, *args]))
+        params = inspect.signature(fn).parameters
+        for name, value in defaults.items():
+            assert parsed[name] == value and params[name].default == value, (command, name)

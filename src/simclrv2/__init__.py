@@ -102,12 +102,12 @@ def linear_eval(preset: str | dict | None = None, **options: Any) -> dict[str, A
 
 
 @_logs_like_cli
-def evaluate(checkpoint: str, dataset: str | None = None, data_dir: str | None = None, split: str = "test",
-             device: str = "auto", precision: str = "auto", batch_size: int = 500) -> dict[str, Any]:
-    """Top-1 / top-5 (%) of a classifier checkpoint on a dataset split (``simclrv2 evaluate``)."""
+def evaluate(checkpoint: str, dataset: str | None = None, data_dir: str | None = None, **options: Any) -> dict[str, Any]:
+    """Top-1 / top-5 (%) of a classifier checkpoint on a dataset split (``simclrv2 evaluate``); ``options``:
+    split, device, precision, batch_size, workers (defaults: ``simclrv2.config.EVALUATE_DEFAULTS``)."""
     from simclrv2.stages import evaluate as _evaluate
 
-    return _evaluate(checkpoint, dataset, data_dir, split, device, precision, batch_size)
+    return _evaluate(checkpoint, dataset, data_dir, **options)
 
 
 @_logs_like_cli
@@ -136,21 +136,22 @@ def pipeline(preset: str = "cpu-demo", out: str = "", dataset: str | None = None
 
 
 @_logs_like_cli
-def embed(checkpoint: str, images, out: str | None = None, head_layer: int | None = None, batch_size: int = 256,
-          device: str = "auto", precision: str = "fp32") -> dict[str, Any]:
-    """Features of image files/folders (``simclrv2 embed``); see :func:`simclrv2.inference.embed`."""
+def embed(checkpoint: str, images, out: str | None = None, head_layer: int | None = None, **options: Any) -> dict[str, Any]:
+    """Features of image files/folders (``simclrv2 embed``); ``options``: batch_size, device, precision
+    (defaults: ``simclrv2.config.INFERENCE_DEFAULTS``). See :func:`simclrv2.inference.embed`."""
     from simclrv2.inference import embed as _embed
 
-    return _embed(checkpoint, images, out, head_layer, batch_size, device, precision)
+    return _embed(checkpoint, images, out, head_layer, **options)
 
 
 @_logs_like_cli
-def predict(checkpoint: str, images, out: str | None = None, batch_size: int = 256, device: str = "auto",
-            precision: str = "fp32") -> dict[str, Any]:
-    """Class predictions of a classifier for image files/folders (``simclrv2 predict``); see :func:`simclrv2.inference.predict`."""
+def predict(checkpoint: str, images, out: str | None = None, **options: Any) -> dict[str, Any]:
+    """Class predictions of a classifier for image files/folders (``simclrv2 predict``); ``options``:
+    batch_size, device, precision (defaults: ``simclrv2.config.INFERENCE_DEFAULTS``), top_k.
+    See :func:`simclrv2.inference.predict`."""
     from simclrv2.inference import predict as _predict
 
-    return _predict(checkpoint, images, out, batch_size, device, precision)
+    return _predict(checkpoint, images, out, **options)
 
 
 @_logs_like_cli
@@ -162,12 +163,12 @@ def export(checkpoint: str, onnx: str) -> dict[str, Any]:
 
 
 @_logs_like_cli
-def import_tf(checkpoint: str, out: str, kind: str | None = None, head_layer: int | None = None, ema: bool = False,
-              image_size: int = 224) -> dict[str, Any]:
-    """Convert an official TF checkpoint to ``out/final.*`` (``simclrv2 import-tf``)."""
+def import_tf(checkpoint: str, out: str, **options: Any) -> dict[str, Any]:
+    """Convert an official TF checkpoint to ``out/final.*`` (``simclrv2 import-tf``); ``options``: kind,
+    head_layer, ema, image_size (default: ``simclrv2.config.IMPORT_TF_DEFAULTS``)."""
     from simclrv2.inference import import_tf as _import_tf
 
-    return _import_tf(checkpoint, out, kind, head_layer, ema, image_size)
+    return _import_tf(checkpoint, out, **options)
 
 
 def load_model(checkpoint: str, kind: str | None = None):

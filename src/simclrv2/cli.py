@@ -15,7 +15,7 @@ import sys
 from typing import Any, Sequence
 
 from simclrv2 import __version__
-from simclrv2.config import (BIT_DEPTH_CHOICES, FEATURE_NORMS, STAGE_CONFIGS, STEMS, load_preset, make_config,
+from simclrv2.config import (BIT_DEPTH_CHOICES, EVALUATE_DEFAULTS, IMPORT_TF_DEFAULTS, INFERENCE_DEFAULTS, FEATURE_NORMS, STAGE_CONFIGS, STEMS, load_preset, make_config,
                              preset_description, preset_names)
 from simclrv2.errors import UserError
 
@@ -142,11 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's dataset")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--split", default="test")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto")
-    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default: 500)")
-    p.add_argument("--workers", type=int, default=2, help="image-folder decode workers (default: 2)")
+    d = EVALUATE_DEFAULTS
+    p.add_argument("--split", default=d["split"], help=f"train | test | val (default: {d['split']})")
+    p.add_argument("--device", default=d["device"], help=f"auto | cpu | cuda | cuda:N (default: {d['device']})")
+    p.add_argument("--precision", default=d["precision"], help=f"auto | fp32 | bf16 | fp16 (default: {d['precision']})")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"images per forward pass (default: {d['batch_size']})")
+    p.add_argument("--workers", type=int, default=d["workers"], help=f"image-folder decode workers (default: {d['workers']})")
     _allow_unverified_option(p)
 
     p = sub.add_parser("pipeline", help="the whole recipe for each label fraction, with a report")
@@ -183,9 +184,10 @@ def _allow_unverified_option(p) -> None:
 def _inference_parsers(sub) -> None:
     """embed, predict, export, import-tf: using trained models (simclrv2.inference)."""
     def runtime_options(p):
-        p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
-        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-        p.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 | auto (default: fp32)")
+        d = INFERENCE_DEFAULTS
+        p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"images per forward pass (default: {d['batch_size']})")
+        p.add_argument("--device", default=d["device"], help=f"auto | cpu | cuda | cuda:N (default: {d['device']})")
+        p.add_argument("--precision", default=d["precision"], help=f"fp32 | bf16 | fp16 | auto (default: {d['precision']})")
         _allow_unverified_option(p)
 
     p = sub.add_parser("embed", help="features of image files or folders -> .npy (+ .paths.txt with the row order)",
@@ -218,7 +220,8 @@ def _inference_parsers(sub) -> None:
                    help="default: from the checkpoint's heads and path (pretrained / finetuned_*)")
     p.add_argument("--head-layer", type=int, default=None, help="classifier: the head layer it was fine-tuned from")
     p.add_argument("--ema", action="store_true", help="import the ema_model/ copy (TF1)")
-    p.add_argument("--image-size", type=int, default=224, help="image side recorded in the checkpoint (default: 224)")
+    p.add_argument("--image-size", type=int, default=IMPORT_TF_DEFAULTS["image_size"],
+                   help=f"image side in pixels recorded in the checkpoint (default: {IMPORT_TF_DEFAULTS['image_size']})")
 
 
 def _run_inference(args) -> dict[str, Any]:

@@ -314,6 +314,15 @@ def validate(cfg: RunConfig) -> None:
         bad("width", f"{w} is not supported; expected a positive multiplier up to {MAX_WIDTH:g}, such as 0.25, 1, 2, 3")
 
 
+# ---------------------------------------------------------------- commands that use trained models
+
+# Their defaults, in one place: the CLI, the Python API (simclrv2.evaluate, ...) and the functions
+# themselves (stages.evaluate, inference.*) read them from here.
+EVALUATE_DEFAULTS = {"split": "test", "device": "auto", "precision": "auto", "batch_size": 500, "workers": 2}
+INFERENCE_DEFAULTS = {"batch_size": 256, "device": "auto", "precision": "fp32"}  # embed, predict
+IMPORT_TF_DEFAULTS = {"image_size": 224}
+
+
 # ---------------------------------------------------------------- presets
 
 def preset_names() -> list[str]:

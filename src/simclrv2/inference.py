@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from simclrv2 import checkpoint as ckpt
+from simclrv2.config import IMPORT_TF_DEFAULTS, INFERENCE_DEFAULTS
 from simclrv2.data.augment import EvalTransform
 from simclrv2.data.sources import IMAGE_EXTENSIONS, _walk_images, decode_image
 from simclrv2.errors import ConfigError, DataError
@@ -167,7 +168,8 @@ def paths_file(out: str | os.PathLike) -> Path:
 
 
 def embed(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
-          head_layer: int | None = None, batch_size: int = 256, device: str = "auto", precision: str = "fp32") -> dict[str, Any]:
+          head_layer: int | None = None, batch_size: int = INFERENCE_DEFAULTS["batch_size"],
+          device: str = INFERENCE_DEFAULTS["device"], precision: str = INFERENCE_DEFAULTS["precision"]) -> dict[str, Any]:
     """Features of image files (float32 [N, D]): the encoder output, head layer ``head_layer`` of a
     pretrained checkpoint, or the features a classifier's fc sees.
 
@@ -193,7 +195,8 @@ def embed(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], ou
 
 
 def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
-            batch_size: int = 256, device: str = "auto", precision: str = "fp32", top_k: int = 5) -> dict[str, Any]:
+            batch_size: int = INFERENCE_DEFAULTS["batch_size"], device: str = INFERENCE_DEFAULTS["device"],
+            precision: str = INFERENCE_DEFAULTS["precision"], top_k: int = 5) -> dict[str, Any]:
     """Class predictions of a classifier checkpoint for image files.
 
     Returns paths, classes, probabilities (float32 [N, C], softmax of the logits), predicted (indices)
@@ -246,7 +249,7 @@ def export(checkpoint: str | os.PathLike, onnx: str | os.PathLike) -> dict[str, 
 
 
 def import_tf(checkpoint: str | os.PathLike, out: str | os.PathLike, kind: str | None = None, head_layer: int | None = None,
-              ema: bool = False, image_size: int = 224) -> dict[str, Any]:
+              ema: bool = False, image_size: int = IMPORT_TF_DEFAULTS["image_size"]) -> dict[str, Any]:
     """Convert an official SimCLRv2 TF checkpoint (prefix, .index file or folder) to ``out/final.*``."""
     from simclrv2 import tf_import
 

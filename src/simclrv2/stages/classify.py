@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from simclrv2 import checkpoint as ckpt
-from simclrv2.config import DistillConfig, FinetuneConfig, LinearEvalConfig, RunConfig, SupervisedConfig
+from simclrv2.config import (EVALUATE_DEFAULTS, DistillConfig, FinetuneConfig, LinearEvalConfig, RunConfig,
+                             SupervisedConfig)
 from simclrv2.data import subset
 from simclrv2.data.augment import EvalTransform, FinetuneAugment, active_view_transforms
 from simclrv2.distributed import global_count_share, wrap_model
@@ -286,8 +287,10 @@ def distill(cfg: DistillConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     return result
 
 
-def evaluate(checkpoint: str, dataset: str | None = None, data_dir: str | None = None, split: str = "test",
-             device: str = "auto", precision: str = "auto", batch_size: int = 500, workers: int = 2) -> dict[str, Any]:
+def evaluate(checkpoint: str, dataset: str | None = None, data_dir: str | None = None,
+             split: str = EVALUATE_DEFAULTS["split"], device: str = EVALUATE_DEFAULTS["device"],
+             precision: str = EVALUATE_DEFAULTS["precision"], batch_size: int = EVALUATE_DEFAULTS["batch_size"],
+             workers: int = EVALUATE_DEFAULTS["workers"]) -> dict[str, Any]:
     """Top-1 / top-5 (percent) of a classifier checkpoint on a dataset split."""
     from simclrv2.data import load_dataset
     from simclrv2.data.folders import folder_dataset
