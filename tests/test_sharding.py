@@ -49,6 +49,9 @@ def run(tmp_path_factory):
     root, out = make_folder(base / "data"), base / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["SIMCLRV2_CACHE_DIR"] = str(base / "cache")
+    # inductor compiles in its own thread/process pool by default; on a loaded machine a rank exiting
+    # while that pool winds down aborted ("terminate called without an active exception", SIGABRT)
+    env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(worker.__file__)), str(root), str(out)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=300)
