@@ -70,6 +70,7 @@ KERNEL_SECTIONS = {  # name: (depth, width, image px, batch, synthetic images)
     "kernel_r50": (50, 1.0, 96, 32, 256),
 }
 KERNEL_VARIANTS = ["fp32", "bf16", "fp32+cl", "bf16+cl"]  # precision (+ channels_last)
+KERNEL_COMPILE_VARIANTS = ["fp32+cl+compile", "bf16+cl+compile"]  # + torch.compile (inductor): minutes to compile
 PRESET = "cpu-demo"
 MEMORY_SIZE = 4096
 THREADS = 2  # torch intra-op threads (--threads)
@@ -259,9 +260,10 @@ def kernel_setup(name: str, variant: str, seed: int = 0):
     from simclrv2.stages.pretrain import ContrastiveTask
 
     depth, width, px, batch, n = KERNEL_SECTIONS[name]
-    precision, channels_last = variant.split("+")[0], variant.endswith("+cl")
+    precision, flags = variant.split("+")[0], set(variant.split("+")[1:])
+    channels_last, compiled = "cl" in flags, "compile" in flags
     cfg = make_config("pretrain", load_preset(PRESET), out="unused", device="cpu", precision=precision,
-                      depth=depth, width=width, batch_size=batch, channels_last=channels_last)
+                      depth=depth, width=width, batch_size=batch, channels_last=channels_last, compile=compiled)
     rt = init_runtime("cpu", precision)
     g = torch.Generator().manual_seed(seed)
     ds = TensorImageDataset(torch.randint(0, 256, (n, 3, px, px), dtype=torch.uint8, generator=g),
@@ -276,6 +278,8 @@ def kernel_setup(name: str, variant: str, seed: int = 0):
     x = torch.rand(2 * batch, 3, px, px)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    if compiled:  # the bare step compiled the same way (the model; the optimiser step stays eager)
+        bare_model = torch.compile(bare_model)
     return our_step(task, cfg, rt, ds, "pretrain", spec), bare_step(bare_model, x, rt=rt)
 
 

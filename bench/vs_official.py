@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--tf-python", required=True, help="the python of a virtual environment with tensorflow-cpu + tf-keras")
     p.add_argument("--simclr-dir", required=True, help="a checkout of github.com/google-research/simclr")
     p.add_argument("--section", default="kernel_r18", choices=list(bench.KERNEL_SECTIONS))
-    p.add_argument("--variants", nargs="+", default=["fp32", "bf16"], choices=bench.KERNEL_VARIANTS)
+    p.add_argument("--variants", nargs="+", default=["fp32", "bf16"], choices=bench.KERNEL_VARIANTS + bench.KERNEL_COMPILE_VARIANTS)
     p.add_argument("--threads", type=int, default=2, help="threads of every step (torch intra-op; TF intra-op)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=2, help="steps per step kind per round")
