@@ -34,7 +34,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__", "distill", "embed", "evaluate", "export", "finetune", "import_tf", "linear_eval", "load_model",
+    "__version__", "distill", "embed", "evaluate", "export", "finetune", "import_tf", "linear_eval", "load_encoder",
+    "load_model",
     "pipeline", "predict", "pretrain", "supervised",
 ]
 
@@ -179,6 +180,14 @@ def load_model(checkpoint: str, kind: str | None = None):
     from simclrv2.checkpoint import load_model as _load_model
 
     return _load_model(checkpoint, kind)
+
+
+def load_encoder(checkpoint: str):
+    """The ResNet encoder of a checkpoint as a plain ``torch.nn.Module`` (images in [0, 1] -> features);
+    see :func:`simclrv2.checkpoint.load_encoder` for its torchvision-compatible weight names."""
+    from simclrv2.checkpoint import load_encoder as _load_encoder
+
+    return _load_encoder(checkpoint)
 
 
 class _CommandAndModule:

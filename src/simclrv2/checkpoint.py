@@ -418,6 +418,22 @@ def load_model(path: str | Path, kind: str | None = None) -> tuple[nn.Module, Ch
     return model, meta
 
 
+def load_encoder(path: str | Path) -> nn.Module:
+    """The ResNet encoder of any checkpoint (pretrained, fine-tuned, distilled, imported) as a plain
+    ``nn.Module``: images [B, C, H, W] in [0, 1] -> features [B, D], in eval mode.
+
+    Its weights sit in the safetensors file under ``model.encoder.`` with torchvision's ResNet names
+    (``conv1``, ``bn1``, ``layer1.0.conv1``, ..., ``layer1.0.downsample.0`` / ``.1``); for the
+    ImageNet stem without selective kernels or average-pool shortcuts the tensors load as they are
+    into ``torchvision.models.resnet18/50(...)`` built without ``fc``. One computation differs: the
+    stem's max-pool is TF's 'SAME' (the official checkpoints'), which for an even input to it
+    (224 px images -> 112) pads only the bottom/right: ``nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)),
+    nn.MaxPool2d(3, 2))`` in place of torchvision's ``maxpool`` gives the same features
+    (tests/test_load_encoder.py)."""
+    model, _ = load_model(path)
+    return model.encoder.eval()
+
+
 def _short(e: Exception) -> str:
     return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
 
