@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -179,7 +180,13 @@ def main() -> None:
         (out / "bn_check.json").write_text(json.dumps(errors, indent=1))
     run_stages(out, start, skip=ONE_PROCESS_ONLY)
     interrupted_then_resumed(out, start)
+    # every rank done with every collective before any tears its process group down: a rank that exits
+    # while its peer still talks to it can abort in gloo ("terminate called without an active exception")
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the results are written; skip interpreter teardown (where the abort was seen)
 
 
 if __name__ == "__main__":

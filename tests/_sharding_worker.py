@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -103,7 +104,13 @@ def main() -> None:
         np.save(out / f"{name}.{rt.rank}.npy", outputs.numpy())
         np.save(out / f"{name}_labels.{rt.rank}.npy", labels.numpy())
     (out / f"compile.{rt.rank}.json").write_text(json.dumps(compiled_ddp_step(rt)))
+    # every rank done with every collective before any tears its process group down: a rank that exits
+    # while its peer still talks to it can abort in gloo ("terminate called without an active exception")
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the results are written; skip interpreter teardown (where the abort was seen)
 
 
 if __name__ == "__main__":
