@@ -37,6 +37,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 import run as bench  # noqa: E402
+from activation_memory import cpu_name  # noqa: E402
 
 
 class OfficialStep:
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
         steps["official"].close()
     rate = {name: batch * a.steps / statistics.median(s) for name, s in seconds.items()}
     report.update(images_per_s={k: round(v, 2) for k, v in rate.items()},
-                  seconds=seconds, loadavg_1min_end=os.getloadavg()[0], cpu=_cpu_model())
+                  seconds=seconds, loadavg_1min_end=os.getloadavg()[0], cpu=cpu_name())
     off = rate["official"]
     print(f"{report['date']}  {report['cpu']}, {a.threads} threads, load {report['loadavg_1min_start']:.2f} -> "
           f"{report['loadavg_1min_end']:.2f}; ResNet-{depth} x{width}, {px} px, batch {batch}, {a.rounds} rounds of {a.steps} steps")
@@ -125,17 +126,6 @@ def main(argv=None) -> int:
     if a.json:
         print(json.dumps(report))
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":
