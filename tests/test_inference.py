@@ -139,6 +139,73 @@ def test_export_onnx_matches_onnxruntime(classifier, tmp_path):
     assert got.shape == (7, 10) and np.abs(got - expected).max() <= 1e-4
 
 
+def test_export_metadata_lets_a_user_reproduce_predict(classifier, tmp_path):
+    """The ONNX file carries the class names and the preprocessing; README's recipe (Pillow + numpy +
+    onnxruntime, no simclrv2) on image files of other sizes and modes gives predict's classes."""
+    import json
+
+    import onnx
+    from test_user_folders import readme_onnx_recipe
+
+    ckpt_dir, _, files, _ = classifier
+    path = tmp_path / "m.onnx"
+    assert main(["-q", "export", str(ckpt_dir), "--onnx", str(path)]) == 0
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(props["simclrv2.classes"]) == [str(i) for i in range(10)]
+    pre = json.loads(props["simclrv2.preprocessing"])
+    size = load_model(ckpt_dir, "classifier")[1].image_size
+    assert (pre["image_size"], pre["channels"], pre["mode"], pre["crop_fraction"], pre["crop_above"]) == (size, 1, "L", 0.875, 32)
+    assert "round(0.875 * side)" in props["simclrv2.recipe"]
+    # the digits as users have them: bigger, not square, RGB / RGBA / palette / 16-bit, PNG and JPEG
+    rng = np.random.default_rng(1)
+    mine = []
+    for i, f in enumerate(files[:12]):
+        gray = Image.open(f).resize((int(rng.integers(9, 90)), int(rng.integers(9, 90))), Image.Resampling.BILINEAR)
+        kind = i % 5
+        img = (gray.convert("RGB") if kind == 0 else gray.convert("RGBA") if kind == 1 else gray.convert("P")
+               if kind == 2 else Image.fromarray((np.asarray(gray, np.uint16) * 257)) if kind == 3 else gray)
+        name = tmp_path / f"u{i}.{'jpg' if kind in (0, 4) else 'png'}"
+        img.save(name)
+        mine.append(str(name))
+    out = tmp_path / "p.csv"
+    assert main(["-q", "predict", str(ckpt_dir), *mine, "--out", str(out)]) == 0
+    with open(out, newline="") as f:
+        expected = [r["class"] for r in csv.DictReader(f)]
+    assert readme_onnx_recipe(path)(mine) == expected
+
+
+def test_predict_view_is_the_evaluation_crop(tmp_path):
+    """decode_eval_image cuts the same central square as EvalTransform (same box for every size) and
+    resizes it with Pillow: within rounding of the PyTorch resize."""
+    from simclrv2.data.augment import eval_crop_box
+    from simclrv2.data.sources import decode_eval_image
+
+    for h, w in [(40, 40), (33, 100), (36, 52), (100, 37), (32, 90), (20, 30), (224, 224), (301, 200)]:
+        x = torch.zeros(1, 1, h, w)
+        top, left, bh, bw = eval_crop_box(h, w)
+        x[:, :, top:top + bh, left:left + bw] = 1  # EvalTransform's crop without resizing sees only ones
+        s = min(bh, bw)
+        assert (bh, bw) == ((h, w) if min(h, w) <= 32 else (s, s))
+        if min(h, w) > 32:
+            assert EvalTransform(s)(x).min() == 1
+    rng = np.random.default_rng(0)
+    smooth = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((160, 120), Image.Resampling.BICUBIC)
+    f = tmp_path / "a.png"
+    smooth.save(f)
+    ours = decode_eval_image(str(f), 48, 3).float() / 255
+    whole = torch.from_numpy(np.array(smooth)).permute(2, 0, 1)[None]
+    reference = EvalTransform(48)(whole)[0]  # crop 105 px of 120, torch's antialiased bilinear to 48
+    assert ours.shape == (3, 48, 48) and (ours - reference).abs().max() < 0.02
+
+
+def test_export_without_onnx_names_the_extra(classifier, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
+    err = _one_line_error(capsys, ["export", str(classifier[0]), "--onnx", str(tmp_path / "m.onnx")], "simclrv2[onnx]")
+    assert "export needs the onnx package" in err and not (tmp_path / "m.onnx").exists()
+
+
 def test_import_tf_then_embed_and_wrong_kind(tmp_path, capsys):
     out = tmp_path / "imported"
     assert main(["-q", "import-tf", str(TF1), "--out", str(out)]) == 0

@@ -3,6 +3,7 @@ the stem option, view transforms, schedules that fit the data, and the recipe en
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -333,6 +334,34 @@ def test_recipe_on_a_users_folders_through_the_cli(digits, tmp_path):
     rc, text, err = run("evaluate", str(out / "labels_1" / "distill_self"), "--precision", "fp32")
     assert rc == 0, err
     assert math.isclose(json.loads(text)["top1"], top1["self"], abs_tol=1e-9)
+
+    # handing the deployed student over: export -> README's recipe with onnxruntime on the raw files == predict
+    student, onnx_file = out / "labels_1" / "distill_small", tmp_path / "student.onnx"
+    rc, _, err = run("export", str(student), "--onnx", str(onnx_file), cwd=tmp_path)
+    assert rc == 0, err
+    rc, _, err = run("predict", str(student), str(digits / "test"), "--out", str(tmp_path / "preds.csv"), cwd=tmp_path)
+    assert rc == 0, err
+    with open(tmp_path / "preds.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    files = [r["path"] for r in rows]
+    assert len(files) == 150 and {Path(f).suffix for f in files} == {".png", ".jpg"}
+    classify = readme_onnx_recipe(onnx_file)
+    assert classify(files) == [r["class"] for r in rows]  # every image, 12-bit PNGs and JPEGs included
+    # and the predictions are the student's, not a constant: most test digits right
+    truth = [Path(f).parent.name for f in files]
+    assert sum(a == b for a, b in zip(classify(files), truth)) > 0.25 * len(files)
+
+
+def readme_onnx_recipe(onnx_file: Path):
+    """README's "Running an exported model" code, run as written (only the file name replaced): its
+    ``classify(files) -> class names``."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Running an exported model", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert code.count('"model.onnx"') == 1
+    namespace: dict = {}
+    exec(compile(code.replace('"model.onnx"', repr(str(onnx_file))), "README.md", "exec"), namespace)
+    return namespace["classify"]
 
 
 def test_a_stage_from_a_checkpoint_sees_the_images_as_its_run_did(digits, tmp_path):

@@ -210,7 +210,10 @@ def _inference_parsers(sub) -> None:
 
     p = sub.add_parser("export", help="ONNX export of a classifier checkpoint")
     p.add_argument("checkpoint", help="classifier checkpoint (e.g. the distilled student)")
-    p.add_argument("--onnx", required=True, help="output .onnx file (class names go to NAME.classes.txt)")
+    p.add_argument("--onnx", required=True,
+                   help="output .onnx file; its metadata holds the class names and the preprocessing (README: "
+                        "'Running an exported model'); the class names also go to NAME.classes.txt. "
+                        "Needs the onnx extra: pip install 'simclrv2[onnx]'")
     _allow_unverified_option(p)
 
     p = sub.add_parser("import-tf", help="convert an official SimCLRv2 TensorFlow checkpoint (no TensorFlow needed)")

@@ -1,7 +1,10 @@
 """ONNX export of a classifier: images float [B, C, H, W] in [0, 1] -> logits [B, classes].
 
 The graph has a dynamic batch axis (named ``batch``), opset 17, input ``images`` and output
-``logits``, and is exported in eval mode (BatchNorm uses its running statistics).
+``logits``, and is exported in eval mode (BatchNorm uses its running statistics). ``metadata``
+(string keys and values) goes into the file's ``metadata_props``, which onnxruntime returns as
+``session.get_modelmeta().custom_metadata_map``. Writing needs the ``onnx`` package: the ``onnx``
+extra (``pip install 'simclrv2[onnx]'``).
 
 Exporter: torch 2.9+ defaults ``torch.onnx.export`` to the torch.export-based ("dynamo") exporter,
 which needs ``onnxscript``. The legacy TorchScript exporter (``dynamo=False``, deprecated but present in
@@ -53,15 +56,37 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
+def require_onnx():
+    """The ``onnx`` module, or a one-line error naming the extra that installs it."""
+    try:
+        import onnx
+    except ImportError:
+        raise ConfigError("export needs the onnx package: pip install 'simclrv2[onnx]' (or: pip install onnx)") from None
+    return onnx
+
+
+def _add_metadata(path: str, metadata: dict[str, str], doc: str | None) -> None:
+    onnx = require_onnx()
+    proto = onnx.load(path)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
+    if doc:
+        proto.doc_string = doc
+    onnx.save(proto, path)
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int, in_channels: int,
-                opset: int = OPSET) -> Path:
-    """Export ``model`` (a Classifier or any images -> logits module) to ONNX at ``path``, atomically.
+                opset: int = OPSET, metadata: dict[str, str] | None = None, doc: str | None = None) -> Path:
+    """Export ``model`` (a Classifier or any images -> logits module) to ONNX at ``path``, atomically,
+    with ``metadata`` (key -> text) and ``doc`` (the model's doc string) stored in the file.
 
     The model is copied to CPU float32 in eval mode first, so the caller's model (device, dtype,
     train/eval mode) is left untouched. Returns the path written.
     """
     if image_size < 1 or in_channels < 1:
         raise ConfigError(f"export: image size {image_size} and {in_channels} channels; expected positive values")
+    require_onnx()
     path = Path(path)
     net = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     example = torch.rand(2, in_channels, image_size, image_size)
@@ -77,4 +102,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int, in_c
             except Exception as e:
                 raise RuntimeError(f"ONNX export failed: legacy exporter: {_first_line(legacy_error)}; "
                                    f"dynamo exporter: {_first_line(e)}") from e
+        if metadata or doc:
+            _add_metadata(str(tmp), metadata or {}, doc)
     return path

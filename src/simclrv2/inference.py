@@ -2,10 +2,13 @@
 export (`export`) and the official TF checkpoints (`import_tf`). The CLI subcommands of the same
 names are thin wrappers around these functions.
 
-Images are decoded with Pillow (:func:`simclrv2.data.sources.decode_image`: shorter side resized to
-the checkpoint's ``image_size``, centre crop), converted to one channel (Pillow's ``convert("L")``)
-for 1-channel models, and go through the evaluation transform (:class:`EvalTransform`) exactly as in
-``simclrv2 evaluate``. Inputs are image files or folders (searched recursively for the extensions
+Images are prepared with Pillow alone (:func:`simclrv2.data.sources.decode_eval_image`): the whole
+image decoded and converted to the model's channels (luma for 1-channel models; images of more than
+8 bits scaled by the checkpoint's ``bit_depth``), the evaluation crop (the central square of 87.5% of
+the shorter side; the whole image at <= 32 px), one bilinear resize to the checkpoint's
+``image_size``, values / 255. An exported ONNX model stores the same recipe in its metadata, so a
+user reproduces ``predict`` without this package (README, "Running an exported model").
+Inputs are image files or folders (searched recursively for the extensions
 in :data:`IMAGE_EXTENSIONS`, hidden entries skipped), in the order given, each folder sorted.
 
 Every output file is written atomically (temporary file, fsync, rename): a failure part-way leaves
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +32,8 @@ from torch import nn
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.config import IMPORT_TF_DEFAULTS, INFERENCE_DEFAULTS
-from simclrv2.data.augment import EvalTransform
-from simclrv2.data.sources import IMAGE_EXTENSIONS, _walk_images, decode_image
+from simclrv2.data.augment import EVAL_CROP_ABOVE, EVAL_CROP_FRACTION, to_float_images
+from simclrv2.data.sources import IMAGE_EXTENSIONS, _walk_images, decode_eval_image
 from simclrv2.errors import ConfigError, DataError
 from simclrv2.models.head import Classifier, SimCLRModel
 from simclrv2.runtime import Runtime, init_runtime, log
@@ -63,28 +67,23 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
     return paths
 
 
-def _decode(path: str, image_size: int, channels: int, bit_depth: int | None = None) -> torch.Tensor:
-    img = decode_image(path, image_size, bit_depth=bit_depth)  # uint8 [3, S, S], RGB; DataError names the file
-    if channels == 1:
-        from PIL import Image
-
-        gray = Image.fromarray(img.permute(1, 2, 0).numpy()).convert("L")
-        return torch.from_numpy(np.array(gray, dtype=np.uint8))[None]
-    return img
-
-
 def load_images(paths: Sequence[str], image_size: int, channels: int = 3, workers: int | None = None,
                 bit_depth: int | None = None) -> torch.Tensor:
-    """uint8 [N, channels, S, S] of ``paths``, decoded in parallel threads (Pillow releases the GIL);
-    ``bit_depth``: of images of more than 8 bits, as the model's run scaled them (checkpoint ``bit_depth``)."""
+    """uint8 [N, channels, S, S]: the evaluation views of ``paths`` (:func:`decode_eval_image`), decoded
+    in parallel threads (Pillow releases the GIL); ``bit_depth``: of images of more than 8 bits, as the
+    model's run scaled them (checkpoint ``bit_depth``)."""
     if channels not in (1, 3):
         raise ConfigError(f"models take 1 or 3 channels, not {channels}")
     workers = workers or min(8, os.cpu_count() or 1)
+
+    def one(p: str) -> torch.Tensor:
+        return decode_eval_image(p, image_size, channels, bit_depth)
+
     if workers > 1 and len(paths) > 1:
         with ThreadPoolExecutor(workers) as pool:
-            images = list(pool.map(lambda p: _decode(p, image_size, channels, bit_depth), paths))
+            images = list(pool.map(one, paths))
     else:
-        images = [_decode(p, image_size, channels, bit_depth) for p in paths]
+        images = [one(p) for p in paths]
     return torch.stack(images)
 
 
@@ -141,13 +140,12 @@ def _run(model: nn.Module, fn: Callable, paths: list[str], image_size: int, chan
          batch_size: int, desc: str, bit_depth: int | None = None) -> torch.Tensor:
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    transform = EvalTransform(image_size)
     bar = _bar(len(paths), desc)
     outs = []
     try:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
-            x = transform(load_images(chunk, image_size, channels, bit_depth=bit_depth).to(rt.device))
+            x = to_float_images(load_images(chunk, image_size, channels, bit_depth=bit_depth).to(rt.device))
             with rt.autocast():
                 outs.append(fn(model, x).float().cpu())
             if bar is not None:
@@ -228,24 +226,55 @@ def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], 
     return result
 
 
+def onnx_preprocessing(image_size: int, channels: int, bit_depth: int | None) -> dict[str, Any]:
+    """What an exported model's ``simclrv2.preprocessing`` metadata holds: the steps of
+    :func:`decode_eval_image` as numbers (README, "Running an exported model", applies them)."""
+    return {"input": "images", "layout": "NCHW", "dtype": "float32", "image_size": image_size, "channels": channels,
+            "mode": "L" if channels == 1 else "RGB", "bit_depth": bit_depth or 16,
+            "crop_fraction": EVAL_CROP_FRACTION, "crop_above": EVAL_CROP_ABOVE,
+            "resample": "bilinear", "scale": 255, "output": "logits"}
+
+
+def onnx_recipe_text(pre: dict[str, Any]) -> str:
+    """The preprocessing of ``pre`` in words (the ONNX file's ``simclrv2.recipe`` and doc string)."""
+    s = pre["image_size"]
+    return (f"Input 'images': float32 [batch, {pre['channels']}, {s}, {s}], values in [0, 1]; output 'logits' "
+            f"[batch, classes] (class names: metadata 'simclrv2.classes', a JSON list). Per image, with Pillow: "
+            f"open the file (first frame); integer images of more than 8 bits (modes I, I;16*): "
+            f"value * 255 / (2**{pre['bit_depth']} - 1), rounded, clipped to 0..255, as 8-bit gray; palette "
+            f"images via RGBA; convert to mode {pre['mode']}. Crop: side = min(width, height); if side > "
+            f"{pre['crop_above']}, the central square of round({pre['crop_fraction']} * side) pixels (round half "
+            f"to even), offsets left = (width - side + 1) // 2, top = (height - side + 1) // 2; else the whole "
+            f"image. Resize to {s} x {s} with Image.Resampling.BILINEAR unless already that size. "
+            f"numpy float32 / 255, channels first.")
+
+
 def export(checkpoint: str | os.PathLike, onnx: str | os.PathLike) -> dict[str, Any]:
     """ONNX graph of a classifier checkpoint (fine-tuned, distilled, supervised): float images
-    [B, C, S, S] in [0, 1] (already centre-cropped and resized, as the evaluation transform does) ->
-    logits [B, classes]; the class names go to ``<onnx stem>.classes.txt``, one per line."""
-    from simclrv2.export import export_onnx
+    [B, C, S, S] in [0, 1] -> logits [B, classes]. The file's metadata holds the class names
+    (``simclrv2.classes``, JSON), the preprocessing that turns an image file into that input
+    (``simclrv2.preprocessing``, JSON, and ``simclrv2.recipe`` in words; the steps of ``predict``),
+    so ``predict``'s classes are reproduced with Pillow, numpy and onnxruntime alone. The class names
+    also go to ``<onnx stem>.classes.txt``, one per line."""
+    from simclrv2.export import export_onnx, require_onnx
 
+    require_onnx()  # before loading the checkpoint: the missing extra is the first thing to hear about
     model, meta, source, _ = _open(checkpoint, "classifier")
     size, channels = meta.image_size, meta.model.in_channels
-    path = export_onnx(model, onnx, size, channels)
-    classes = list(meta.classes or [])
+    classes = list(meta.classes or [str(i) for i in range(meta.model.num_classes)])
+    pre = onnx_preprocessing(size, channels, meta.bit_depth)
+    recipe = onnx_recipe_text(pre)
+    metadata = {"simclrv2.classes": json.dumps(classes), "simclrv2.preprocessing": json.dumps(pre),
+                "simclrv2.recipe": recipe, "simclrv2.checkpoint": Path(source).name,
+                "simclrv2.model": json.dumps(meta.model.to_json())}
+    path = export_onnx(model, onnx, size, channels, metadata=metadata, doc=f"simclrv2 classifier. {recipe}")
     names = path.with_name(path.stem + ".classes.txt")
-    if classes:
-        ckpt.atomic_write_text(names, "".join(c + "\n" for c in classes))
+    ckpt.atomic_write_text(names, "".join(c + "\n" for c in classes))
     log.info(f"export: {source} -> {path}")
     return {"onnx": str(path), "checkpoint": source, "image_size": size, "in_channels": channels,
             "input": "images float32 [batch, %d, %d, %d] in [0, 1]" % (channels, size, size),
-            "output": f"logits float32 [batch, {len(classes) or meta.model.num_classes}]",
-            "classes_file": str(names) if classes else None}
+            "output": f"logits float32 [batch, {len(classes)}]", "classes": classes, "preprocessing": pre,
+            "classes_file": str(names)}
 
 
 def import_tf(checkpoint: str | os.PathLike, out: str | os.PathLike, kind: str | None = None, head_layer: int | None = None,

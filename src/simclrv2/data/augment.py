@@ -352,15 +352,25 @@ def _sizes(images: Tensor | ImageBatch, offset: int, total: int) -> tuple[int | 
     return hw[:, 0], hw[:, 1]
 
 
+EVAL_CROP_FRACTION = 0.875  # the evaluation view keeps the central 87.5% of the shorter side (docs/method.md §5)
+EVAL_CROP_ABOVE = 32  # ... of images whose shorter side is longer than this; smaller ones are not cropped
+
+
 def _eval_boxes(sizes: Tensor, crop_fraction: float) -> Tensor:
     """The central square of ``crop_fraction`` of each image's shorter side (none for images of at
     most 32 px: the whole image), as ``[B, 4]`` boxes (offsets as the official ``center_crop``)."""
     h, w = sizes[:, 0], sizes[:, 1]
     short = torch.minimum(h, w)
-    side = torch.round(crop_fraction * short.double()).long().clamp_min(1)
-    small = short <= 32
+    side = torch.round(crop_fraction * short.double()).long().clamp_min(1)  # round half to even
+    small = short <= EVAL_CROP_ABOVE
     bh, bw = torch.where(small, h, side), torch.where(small, w, side)
     return torch.stack([(h - bh + 1) // 2, (w - bw + 1) // 2, bh, bw], dim=1)
+
+
+def eval_crop_box(height: int, width: int, crop_fraction: float = EVAL_CROP_FRACTION) -> tuple[int, int, int, int]:
+    """(top, left, box height, box width) of the evaluation crop of one ``height`` x ``width`` image."""
+    top, left, bh, bw = _eval_boxes(torch.tensor([[height, width]]), crop_fraction)[0].tolist()
+    return top, left, bh, bw
 
 
 def _apply_extra(extra: Sequence, views: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -816,7 +826,7 @@ class EvalTransform(torch.nn.Module):
     ``image_size``.  Deterministic; returns float32 in [0, 1] on the images' device.
     """
 
-    def __init__(self, image_size: int, crop_fraction=0.875):
+    def __init__(self, image_size: int, crop_fraction=EVAL_CROP_FRACTION):
         super().__init__()
         if int(image_size) < 1:
             raise ConfigError(f"image_size must be a positive integer, got {image_size}")
@@ -835,7 +845,7 @@ class EvalTransform(torch.nn.Module):
             return _crop_resize_each(images, boxes, torch.zeros(len(images), dtype=torch.bool), self.image_size)
         x = to_float_images(images)
         _, _, height, width = x.shape
-        if min(height, width) > 32:
+        if min(height, width) > EVAL_CROP_ABOVE:
             side = max(1, int(round(self.crop_fraction * min(height, width))))
             top = (height - side + 1) // 2
             left = (width - side + 1) // 2

@@ -712,21 +712,24 @@ def _resize_array(arr: np.ndarray, height: int, width: int) -> np.ndarray:
     return out if out.ndim == 3 else out[:, :, None]
 
 
-def decode_image(path: str, image_size: int, label: str | None = None, bit_depth: int | None = None) -> torch.Tensor:
-    """Decode an image file to uint8 [3, S, S]: shorter side resized to S (bilinear), centre crop
-    (``bit_depth``: of images of more than 8 bits, :func:`_to_array`)."""
-    arr = read_image(path, image_size, 3, bit_depth, label).permute(1, 2, 0).numpy()
-    h, w = arr.shape[:2]
-    if (h, w) != (image_size, image_size):
-        s = image_size / min(h, w)
-        nh, nw = max(image_size, round(h * s)), max(image_size, round(w * s))
-        arr = _resize_array(arr, nh, nw)
-        top, left = (nh - image_size) // 2, (nw - image_size) // 2
-        arr = arr[top : top + image_size, left : left + image_size]
-    arr = np.ascontiguousarray(arr)
-    if not arr.flags.writeable:  # arrays viewing Pillow's buffer are read-only
-        arr = arr.copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+def decode_eval_image(path: str, image_size: int, channels: int = 3, bit_depth: int | None = None,
+                      label: str | None = None) -> torch.Tensor:
+    """The evaluation view of one image file as uint8 ``[channels, S, S]``, with Pillow only.
+
+    This is the preprocessing that ``predict`` / ``embed`` use and that an exported ONNX model's
+    metadata and README describe, step by step: decode the whole image (first frame), convert it
+    (:func:`_to_array`: ``bit_depth`` scaling of images of more than 8 bits, luma for 1 channel);
+    cut the evaluation crop (:func:`~simclrv2.data.augment.eval_crop_box`: the central square of
+    87.5% of the shorter side, or the whole image when that side is at most 32 px); resize it to
+    S x S with Pillow's bilinear filter unless it has that size already."""
+    from simclrv2.data.augment import eval_crop_box
+
+    arr = read_image(path, None, channels, bit_depth, label).permute(1, 2, 0).numpy()
+    top, left, bh, bw = eval_crop_box(*arr.shape[:2])
+    arr = arr[top : top + bh, left : left + bw]
+    if (bh, bw) != (image_size, image_size):
+        arr = _resize_array(np.ascontiguousarray(arr), image_size, image_size)
+    return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()  # Pillow's arrays are read-only
 
 
 def probe_image(path: str, decode_side: int | None = None, decode: bool = True) -> dict:
