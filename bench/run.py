@@ -25,6 +25,16 @@ Sections, each in its own subprocess (so that its peak resident memory is its ow
   with the preset's 2 DataLoader worker processes, and with none), images/s over 2 epochs;
   ``imagefolder_keeps_up``: loader images/s >= the pretraining step's images/s. The same for
   256 px JPEGs -> 224 px views (ImageNet-like, batch 64).
+* ``loader_vs_step`` (on request: ``--section loader_vs_step``): a user's folder as the stages see
+  it (``--unlabeled-dir``, no image cache: decoded every epoch, as for folders larger than
+  ``--image-cache-gb``), 128x96 JPEGs -> 96 px views and 500x375 JPEGs (ImageNet's typical size)
+  -> 224 px views: the stage's own batches (``Trainer.batches``: whole images decoded at up to 2x
+  the view size, JPEG draft mode, collated as ``ImageBatch``, the default DataLoader workers) against
+  the pretraining step on one of those batches (``Trainer.step``: views cut from the whole images,
+  colour jitter, forward, NT-Xent, backward, LARS) with the cpu-demo preset's model and
+  precision at that size, batch 64. ``loader / step`` > 1: the loader can feed the step. On a CPU the
+  two share the cores, so the sustained rate of a run is lower than either; on a GPU machine the
+  step's figure is the GPU's and the loader's is what the CPU cores give.
 
 All timings on the CPU in fp32 with ``torch.set_num_threads(2)`` (``--threads N``). When
 other processes keep CPUs busy (a note says so), 2-thread timings are dominated by OpenMP
@@ -69,8 +79,12 @@ KERNEL_SECTIONS = {  # name: (depth, width, image px, batch, synthetic images)
     "kernel_r18": (18, 1.0, 32, 256, 1024),  # the official TF2 comparison's configuration
     "kernel_r50": (50, 1.0, 96, 32, 256),
 }
+# a user's folder at 96 and 224 px: the stages' loader against the stage's step (minutes): ask with --section
+LOADER_SECTION = "loader_vs_step"
+LOADER_SIZES = {"96px": (96, 128, 96), "224px": (224, 500, 375)}  # name: (views px, JPEG width, JPEG height)
 KERNEL_VARIANTS = ["fp32", "bf16", "fp32+cl", "bf16+cl"]  # precision (+ channels_last)
 KERNEL_COMPILE_VARIANTS = ["fp32+cl+compile", "bf16+cl+compile"]  # + torch.compile (inductor): minutes to compile
+ALL_SECTIONS = SECTIONS + list(KERNEL_SECTIONS) + [LOADER_SECTION]
 PRESET = "cpu-demo"
 MEMORY_SIZE = 4096
 THREADS = 2  # torch intra-op threads (--threads)
@@ -349,6 +363,66 @@ def section_imagefolder(quick: bool) -> dict:
     return out
 
 
+def write_unlabeled_folder(root: str, n: int, width: int, height: int) -> None:
+    """``n`` JPEGs (smooth random colour fields + noise, ``width`` x ``height``) in nested folders of ROOT."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = os.path.join(root, f"part{i % 4}")
+        os.makedirs(d, exist_ok=True)
+        low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        arr = np.asarray(Image.fromarray(low).resize((width, height), Image.BILINEAR), dtype=np.int16)
+        arr = arr + rng.integers(-20, 21, (height, width, 3))
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(os.path.join(d, f"{i:05d}.jpg"), quality=90)
+
+
+def section_loader_vs_step(quick: bool) -> dict:
+    """The stage's loader (images/s of ``Trainer.batches``) against its pretraining step on one of
+    those batches, per size in LOADER_SIZES (see the module docstring)."""
+    from simclrv2.stages.common import prepare_data, to_device
+    from simclrv2.stages.pretrain import ContrastiveTask
+
+    n, reps = (192, 4) if quick else (640, 10)
+    out = {}
+    for name, (size, width, height) in LOADER_SIZES.items():
+        with tempfile.TemporaryDirectory() as root:
+            write_unlabeled_folder(root, n, width, height)
+            cfg = make_config("pretrain", load_preset(PRESET), out="unused", device="cpu", unlabeled_dir=root,
+                              image_size=size, image_cache_gb=0, batch_size=64, knn_every=0, epochs=1)
+            rt = init_runtime("cpu", cfg.precision)
+            data = prepare_data(cfg)
+            torch.manual_seed(cfg.seed)
+            spec = model_spec("simclr", depth=cfg.depth, width=cfg.width, sk=cfg.sk, small_images=data.small_images,
+                              in_channels=data.channels, head_layers=cfg.head_layers, proj_dim=cfg.proj_dim,
+                              num_classes=None, probe_norm=False, image_size=data.image_size)  # no labels: no probe
+            model = to_device(build_model(spec), rt, cfg.channels_last)
+            trainer = Trainer(ContrastiveTask(model, cfg, data, rt), cfg, rt, data.all_images(), "unused",
+                              CheckpointMeta("pretrain", spec))
+            t0, count, first = time.perf_counter(), 0, None
+            for _, (images, labels) in zip(range(trainer.steps_per_epoch), trainer.batches()):  # one epoch: the loader alone
+                count += images.shape[0]
+                if first is None:
+                    first, first_s = (images, labels), time.perf_counter() - t0
+            loader_s = time.perf_counter() - t0
+            trainer.task.train()
+
+            def step():
+                trainer.step_count = trainer.total // 2  # mid-schedule lr; the same work at every step
+                trainer.step(*first)
+
+            t = time_interleaved({"step": step}, reps, warmup=1)["step"]
+            step_ips = first[0].shape[0] / statistics.median(t)
+            loader_ips = count / loader_s
+            out[name] = {"image_size": size, "jpeg": f"{width}x{height}", "images": count, "batch": cfg.batch_size,
+                         "workers": cfg.workers, "precision": str(rt.dtype).replace("torch.", "") if rt.dtype else "fp32",
+                         "channels_last": cfg.channels_last, "model": f"ResNet-{cfg.depth} x{cfg.width}",
+                         "loader_images_per_s": loader_ips,
+                         "loader_steady_images_per_s": (count - first[0].shape[0]) / max(loader_s - first_s, 1e-9),
+                         "step_images_per_s": step_ips, "loader_vs_step": loader_ips / step_ips, "reps": len(t)}
+    return out
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -369,8 +443,10 @@ def run_section(name: str, quick: bool, threads: int = THREADS) -> dict:
         out = section_imagefolder(quick)
     elif name in KERNEL_SECTIONS:
         out = section_kernel(quick, name)
+    elif name == LOADER_SECTION:
+        out = section_loader_vs_step(quick)
     else:
-        raise SystemExit(f"unknown section {name!r}; expected one of {', '.join(SECTIONS + list(KERNEL_SECTIONS))}")
+        raise SystemExit(f"unknown section {name!r}; expected one of {', '.join(ALL_SECTIONS)}")
     return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "result": out}
 
 
@@ -398,6 +474,8 @@ def summarise(sections: dict) -> dict:
             out[f"{name}_{variant}_images_per_s"] = round(r[name][variant]["ours_images_per_s"], 1)
     for cfg_name, a in r.get("augment", {}).items():
         out[f"augment_{cfg_name}_images_per_s"] = round(a["own_images_per_s"])
+    for size, x in r.get(LOADER_SECTION, {}).items():
+        out[f"loader_vs_step_{size}"] = round(x["loader_vs_step"], 2)
     if "imagefolder" in r:
         out["imagefolder_images_per_s"] = round(r["imagefolder"]["images_per_s"], 1)
         if "pretrain" in r:
@@ -438,10 +516,15 @@ def print_table(report: dict) -> None:
                 print(f"| imagefolder {name} ({x['jpeg_side']} px JPEG -> {x['image_size']} px, {w} workers, batch "
                       f"{x['batch']}) | {y['images_per_s']:,.0f} (steady {y['steady_images_per_s']:,.0f}) | | | "
                       f"{report['sections']['imagefolder']['peak_rss_mb']:,.0f} (workers {f['peak_rss_workers_mb']:,.0f}) |")
+    for size, x in r.get(LOADER_SECTION, {}).items():
+        print(f"| loader vs step {size} ({x['jpeg']} JPEG -> {x['image_size']} px, {x['model']}, {x['precision']}, "
+              f"batch {x['batch']}, {x['workers']} workers) | loader {x['loader_images_per_s']:,.0f} (steady "
+              f"{x['loader_steady_images_per_s']:,.0f}) | step {x['step_images_per_s']:,.1f} | loader / step "
+              f"{x['loader_vs_step']:.1f} | {report['sections'][LOADER_SECTION]['peak_rss_mb']:,.0f} |")
     print("section seconds: " + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in report["sections"].items())
           + f"; total {report['seconds']:.0f}")
     s = report["summary"]
-    print(", ".join(f"{k}={v}" for k, v in s.items() if k.endswith(("vs_bare", "keeps_up"))))
+    print(", ".join(f"{k}={v}" for k, v in s.items() if k.endswith(("vs_bare", "keeps_up")) or k.startswith("loader_vs")))
     busy = report["busy_cpus_at_start"]
     if busy is not None and report["threads"] > 1 and busy > report["cpus"] - report["threads"] + 0.5:
         print(f"note: other processes kept {busy:.1f} of {report['cpus']} CPUs busy at the start: with {report['threads']} "
@@ -454,9 +537,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (under 2 minutes)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch intra-op threads (default {THREADS})")
-    parser.add_argument("--section", action="append", choices=SECTIONS + list(KERNEL_SECTIONS),
+    parser.add_argument("--section", action="append", choices=ALL_SECTIONS,
                         help="only this section (repeatable); the kernel_* sections (minutes each) run only when named")
-    parser.add_argument("--worker", choices=SECTIONS + list(KERNEL_SECTIONS), help=argparse.SUPPRESS)  # one section, in this process
+    parser.add_argument("--worker", choices=ALL_SECTIONS, help=argparse.SUPPRESS)  # one section, in this process
     parser.add_argument("--profile-demo", action="store_true",
                         help="profile a short cpu-demo pretrain + finetune: where the wall time goes")
     args = parser.parse_args(argv)
