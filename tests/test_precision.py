@@ -104,6 +104,39 @@ def test_channels_last_narrow_shortcuts_run_nchw_and_match(data):
         assert _grad_error(grads_b, grads_a) < GRAD_RTOL
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_channels_last_in_bf16_matches_nchw(channels):
+    """The presets' default CPU path (bf16 autocast + channels_last, blur on) against bf16 in NCHW,
+    for 1- and 3-channel images, pretraining and a classifier step: the same loss and gradients up
+    to bf16 rounding (a wrong oneDNN kernel gives errors of the order of the values themselves)."""
+    from simclrv2.data import TensorImageDataset
+    from simclrv2.stages.common import Data
+
+    g = torch.Generator().manual_seed(channels)
+    ds = TensorImageDataset(torch.randint(0, 256, (16, channels, 16, 16), dtype=torch.uint8, generator=g),
+                            np.arange(16) % 4, ["a", "b", "c", "d"])
+    data = Data(ds, ds, ds, ds, 16, channels, list(ds.classes))
+    rt = init_runtime("cpu", "bf16")
+    spec = WIDER.replace(in_channels=channels, num_classes=4)
+    for kind in ("simclr", "classifier"):
+        results = []
+        for channels_last in (False, True):
+            torch.manual_seed(0)
+            if kind == "simclr":
+                cfg = make_config("pretrain", out="unused", dataset="digits", seed=0, batch_size=16, blur=True,
+                                  color_strength=1.0, channels_last=channels_last, precision="bf16")
+                task = ContrastiveTask(to_device(build_model(spec), rt, channels_last), cfg, data, rt)
+            else:
+                cfg = make_config("finetune", out="unused", pretrained="unused", dataset="digits", seed=0,
+                                  batch_size=16, channels_last=channels_last, precision="bf16")
+                model = build_model(spec.replace(kind="classifier", head_layers=0, head_layer=0))
+                task = SupervisedTask(to_device(model, rt, channels_last), cfg, 16, rt)
+            results.append(_step(task, data, rt))
+        (loss_a, grads_a), (loss_b, grads_b) = results
+        assert torch.isfinite(loss_a) and loss_b.item() == pytest.approx(loss_a.item(), rel=2e-2, abs=1e-2), kind
+        assert _grad_error(grads_b, grads_a) < 0.02, kind
+
+
 def test_bf16_autocast_is_close_to_fp32(data):
     model = build_model(SPEC)
     torch.manual_seed(0)
