@@ -8,7 +8,13 @@ import torch
 # set before anything runs so that subprocesses (torchrun tests) inherit it
 os.environ["SIMCLRV2_CACHE_DIR"] = tempfile.mkdtemp(prefix="simclrv2-test-cache-")
 
-torch.set_num_threads(int(os.environ.get("SIMCLRV2_TEST_THREADS", "2")))  # 2: the CI machine's cores
+# torch threads per test process: the machine's cores shared among pytest-xdist's workers (-n N;
+# CI: 2 cores, 2 workers, 1 thread each); SIMCLRV2_TEST_THREADS overrides
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = int(os.environ.get("SIMCLRV2_TEST_THREADS", max(1, (os.cpu_count() or 2) // _WORKERS)))
+torch.set_num_threads(_THREADS)
+if _WORKERS > 1:  # the CLI runs of the tests (subprocesses) take the same share
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 # min_steps=0: these few-step runs train exactly their epochs (the classifier stages' default minimum is 150)
 TINY = dict(dataset="digits", precision="fp32", label_fraction=0.1, seed=0, log_every=1000, min_steps=0)
