@@ -75,18 +75,30 @@ def test_a_stage_run_alone_with_a_preset_does_what_the_pipeline_does(preset_name
     fractions = preset["label_fractions"]
     graph = plan(preset, fractions, tmp_path)
     checked = set()
+    # variants only the pipeline builds: its second head layer, the small students (except the first when
+    # there is no self-distillation: then `distill --preset P` is the big-to-small step into it)
+    alone_builds = "distill_small" if preset.get("self_distill") is False else None
     for node in graph:
-        if node.out.name in ("distill_small",) or node.out.name.startswith("finetune_head"):
-            continue  # variants only the pipeline builds (its second head layer, the small student)
+        if node.out.name.startswith(("distill_small", "finetune_head")) and node.out.name != alone_builds:
+            continue
         inputs = {k: getattr(node.config, k) for k in ("pretrained", "teacher") if getattr(node.config, k, None)}
         alone = make_config(node.stage, preset, out=node.config.out, label_fraction=node.config.label_fraction, **inputs)
         assert asdict(alone) == asdict(node.config), (node.stage, node.out)
         checked.add(node.stage)
     assert checked == {"pretrain", "supervised", "linear_eval", "finetune", "distill"}
-    if preset_name == "cpu-full":  # the cases that differed: per-fraction section, head layer 0, student = teacher
+    if preset_name == "cpu-demo":  # student = teacher
+        assert make_config("distill", preset, out="x", teacher="t", label_fraction=0.01).init_from == "t"
+    if preset_name == "cpu-full":  # per-fraction section, head layer 0, the students and the baseline's size
         ft = make_config("finetune", preset, out="x", pretrained="p", label_fraction=0.1)
         assert ft.head_layer == 0 and ft.epochs == 40 and ft.batch_size == 128
-        assert make_config("distill", preset, out="x", teacher="t", label_fraction=0.01).init_from == "t"
+        d = make_config("distill", preset, out="x", teacher="t", label_fraction=0.01)
+        assert (d.width, d.init_from, d.epochs, d.weight_decay) == (0.25, None, 10, 1e-4)
+        assert make_config("supervised", preset, out="x", label_fraction=0.01).width == 0.25
+        assert make_config("pretrain", preset, out="x").width == 0.5
+        names = [n.out.name for n in graph if n.fraction == 0.01]
+        assert names == ["supervised", "linear_eval", "finetune", "distill_small", "distill_small2"]
+        small = [n.config for n in graph if n.out.name.startswith("distill_small")]
+        assert [c.width for c in small[:2]] == [0.25, 0.125] and all(c.teacher.endswith("finetune") for c in small)
 
 
 def test_defaults_of_the_commands_that_use_models_live_in_one_place():

@@ -359,8 +359,15 @@ def load_preset(name_or_path: str | None) -> dict[str, Any]:
 
 
 # the pipeline's own keys (pipeline.py), beside the stage sections and the options shared by stages
-PIPELINE_KEYS = ("label_fractions", "model", "student", "distill_init", "finetune_head_layers", "fractions")
+PIPELINE_KEYS = ("label_fractions", "model", "student", "distill_init", "finetune_head_layers", "fractions",
+                 "self_distill", "supervised_model")
 MODEL_KEYS = ("depth", "width", "sk")
+
+
+def preset_students(preset: dict[str, Any]) -> list[dict[str, Any]]:
+    """The preset's big-to-small students (``student``: one architecture or a list of them), in order."""
+    student = preset.get("student")
+    return [] if not student else list(student) if isinstance(student, list) else [student]
 SECTIONS = {**{stage: stage for stage in STAGE_CONFIGS}, "distill_small": "distill"}  # section -> its stage's options
 
 
@@ -391,9 +398,16 @@ def check_preset(preset: dict[str, Any], source: str) -> None:
         if key in SECTIONS:
             _check_section(key, value, source)
         elif key in ("model", "student"):
-            if value is not None and (not isinstance(value, dict) or set(value) - set(MODEL_KEYS)):
-                bad = sorted(set(value) - set(MODEL_KEYS)) if isinstance(value, dict) else value
-                raise ConfigError(f"{source}: {key} takes {', '.join(MODEL_KEYS)}; got {bad}")
+            archs = value if key == "student" and isinstance(value, list) else [value]
+            for arch in archs:
+                if arch is not None and (not isinstance(arch, dict) or set(arch) - set(MODEL_KEYS)):
+                    bad = sorted(set(arch) - set(MODEL_KEYS)) if isinstance(arch, dict) else arch
+                    raise ConfigError(f"{source}: {key} takes {', '.join(MODEL_KEYS)}"
+                                      f"{' (or, for student, a list of such)' if key == 'student' else ''}; got {bad}")
+        elif key == "self_distill" and not isinstance(value, bool):
+            raise ConfigError(f"{source}: self_distill must be true or false, got {value!r}")
+        elif key == "supervised_model" and value not in ("model", "student"):
+            raise ConfigError(f"{source}: supervised_model must be model or student, got {value!r}")
         elif key == "fractions":
             for fraction, sections in (value or {}).items():
                 for section, values in (sections or {}).items():
@@ -449,15 +463,24 @@ def _pipeline_choices(preset: dict[str, Any], stage: str, values: dict[str, Any]
     ``finetune_head_layers``, and ``distill_init: teacher`` for self-distillation (a student of the
     teacher's architecture, i.e. none given, starts as its teacher)."""
     by_fraction = {float(k): v for k, v in (preset.get("fractions") or {}).items()}
+    arch_given = bool({"depth", "width", "sk"} & set(explicit))
+    students = preset_students(preset)
+    section_name = stage
+    if stage == "supervised" and preset.get("supervised_model") == "student" and students and not arch_given:
+        values.update(students[0])  # the baseline has the deployed student's architecture
+    if stage == "distill" and preset.get("self_distill") is False and students and not arch_given:
+        section_name = "distill_small"  # no self-distillation: distill is the big-to-small step into the first student
+        values.update(preset.get("distill_small") or {})
+        values.update(students[0])
     fraction = values.get("label_fraction")
     if fraction is not None:
-        section = (by_fraction.get(float(fraction)) or {}).get(stage) or {}
-        _check_section(stage, section, f"preset fractions.{fraction:g}")
+        section = (by_fraction.get(float(fraction)) or {}).get(section_name) or {}
+        _check_section(section_name, section, f"preset fractions.{fraction:g}")
         values.update(section)
     if stage == "finetune" and values.get("head_layer") is None and preset.get("finetune_head_layers"):
         values["head_layer"] = preset["finetune_head_layers"][0]
-    if (stage == "distill" and values.get("init_from") is None and preset.get("distill_init") == "teacher"
-            and not {"depth", "width", "sk"} & set(explicit)):
+    if (stage == "distill" and section_name == "distill" and values.get("init_from") is None
+            and preset.get("distill_init") == "teacher" and not arch_given):
         values["init_from"] = values.get("teacher")
 
 

@@ -19,14 +19,14 @@ from typing import Any
 import yaml
 
 from simclrv2 import checkpoint as ckpt
-from simclrv2.config import FOLDER_OPTIONS, check_preset, flag, load_preset, make_config, resolve_layout
+from simclrv2.config import (FOLDER_OPTIONS, MODEL_KEYS, check_preset, flag, load_preset, make_config, preset_students,
+                             resolve_layout)
 from simclrv2.distributed import is_main_process
 from simclrv2.errors import ConfigError
 from simclrv2.feature_map import pipeline_feature_map
 from simclrv2.report import model_name, write_report
 from simclrv2.runtime import log
 
-MODEL_KEYS = ("depth", "width", "sk")
 STAGES = ("supervised", "pretrain", "linear_eval", "finetune", "distill")
 # the stage whose finished output a stage starts from
 NEEDS = {"linear_eval": "pretrain", "finetune": "pretrain", "distill": "finetune"}
@@ -105,14 +105,18 @@ class Node:
 
 def plan(preset: dict[str, Any], fractions: list[float], out: Path) -> list[Node]:
     """The stage graph, in the order it runs: one pretraining, then per label fraction the supervised
-    baseline, linear evaluation, fine-tuning (once per head layer; the first is the teacher),
-    self-distillation and, when the preset names a student, big-to-small distillation. Every
-    stage's config is built here, so a bad option fails before any work starts."""
+    baseline (of the preset's ``model``, or with ``supervised_model: student`` of the first
+    student's architecture), linear evaluation, fine-tuning (once per head layer; the first is the
+    teacher), self-distillation (unless ``self_distill: false``) and big-to-small distillation into
+    each ``student`` (one architecture or a list), from the self-distilled model or else the teacher.
+    Every stage's config is built here, so a bad option fails before any work starts."""
     model = preset.get("model") or {}
-    student = preset.get("student")
-    unknown = set(model) - set(MODEL_KEYS) | (set(student or {}) - set(MODEL_KEYS))
+    students = preset_students(preset)
+    unknown = set(model).union(*students) - set(MODEL_KEYS)
     if unknown:
         raise ConfigError(f"preset model/student: unknown keys {sorted(unknown)}; expected {MODEL_KEYS}")
+    self_distill = preset.get("self_distill", True)
+    baseline = students[0] if preset.get("supervised_model") == "student" and students else model
     init = preset.get("distill_init", "none")
     if init not in ("none", "teacher", "pretrained"):
         raise ConfigError(f"preset distill_init must be none, teacher or pretrained; got {init!r}")
@@ -122,7 +126,8 @@ def plan(preset: dict[str, Any], fractions: list[float], out: Path) -> list[Node
     def cfg(stage: str, section: str | None = None, **kw):
         """A stage's config: preset section (+ its variant section, + per-fraction overrides) + kw."""
         # (the graph makes the pipeline-level choices itself: per node, not per stage kind)
-        values = {k: v for k, v in preset.items() if k not in ("fractions", "distill_init", "finetune_head_layers")}
+        values = {k: v for k, v in preset.items()
+                  if k not in ("fractions", "distill_init", "finetune_head_layers", "self_distill", "supervised_model")}
         merged = dict(preset.get(stage) or {})
         if section and section != stage:
             merged.update(preset.get(section) or {})
@@ -134,7 +139,7 @@ def plan(preset: dict[str, Any], fractions: list[float], out: Path) -> list[Node
     nodes = [Node("pretrain", cfg("pretrain", out=pre, label_fraction=min(fractions), **model))]
     for f in fractions:
         fdir = out / f"labels_{f:g}"
-        nodes.append(Node("supervised", cfg("supervised", out=str(fdir / "supervised"), label_fraction=f, **model),
+        nodes.append(Node("supervised", cfg("supervised", out=str(fdir / "supervised"), label_fraction=f, **baseline),
                           row=("supervised", None), fraction=f))
         nodes.append(Node("linear_eval", cfg("linear_eval", out=str(fdir / "linear_eval"), pretrained=pre, label_fraction=f),
                           needs=(pre,), row=("pretrain_linear", None), fraction=f))
@@ -144,13 +149,15 @@ def plan(preset: dict[str, Any], fractions: list[float], out: Path) -> list[Node
                                               head_layer=k), needs=(pre,), row=("finetune", "head layer"), fraction=f))
         teacher = str(fdir / "finetune")  # the first head layer's fine-tuned model
         init_from = {"none": None, "teacher": teacher, "pretrained": pre}[init]
-        self_dir = str(fdir / "distill_self")
-        nodes.append(Node("distill", cfg("distill", out=self_dir, teacher=teacher, label_fraction=f, init_from=init_from),
-                          needs=(teacher,), row=("distill", "self"), fraction=f))
-        if student:  # the small student learns from the self-distilled model
-            nodes.append(Node("distill", cfg("distill", "distill_small", out=str(fdir / "distill_small"), teacher=self_dir,
-                                             label_fraction=f, **student), needs=(self_dir,), row=("distill", "big-to-small"),
-                              fraction=f))
+        source = teacher
+        if self_distill:
+            source = str(fdir / "distill_self")
+            nodes.append(Node("distill", cfg("distill", out=source, teacher=teacher, label_fraction=f, init_from=init_from),
+                              needs=(teacher,), row=("distill", "self"), fraction=f))
+        for i, student in enumerate(students):  # the small students learn from the self-distilled model (or the teacher)
+            sdir = str(fdir / ("distill_small" if i == 0 else f"distill_small{i + 1}"))
+            nodes.append(Node("distill", cfg("distill", "distill_small", out=sdir, teacher=source, label_fraction=f,
+                                             **student), needs=(source,), row=("distill", "big-to-small"), fraction=f))
     return nodes
 
 
@@ -217,11 +224,16 @@ def _run_pipeline(preset_name: str, out: str | Path, dataset: str | None, data_d
     for n in graph:
         if n.row:
             variant = _variant(n)
-            curves[f"{n.row[0]}{'-' + variant if variant else ''} @ {n.fraction:g}"] = str(n.out / "metrics.jsonl")
+            key = f"{n.row[0]}{'-' + variant if variant else ''} @ {n.fraction:g}"
+            if key in curves:  # a second student
+                key = key.replace(" @", f" ({n.out.name}) @")
+            curves[key] = str(n.out / "metrics.jsonl")
     if main:
-        # a 2-D map (t-SNE) of the last self-distilled model's test-set features, coloured by class
-        last_self = [n for n in graph if n.row == ("distill", "self")][-1]
-        report["feature_map"] = pipeline_feature_map(out, last_self.out, pre_node.config.dataset, pre_node.config.data_dir)
+        # a 2-D map (t-SNE) of the test-set features of the last label fraction's final model (self-distilled,
+        # else the deployed student: the first big-to-small one), coloured by class
+        last = [n for n in graph if n.row == ("distill", "self")] or [n for n in graph if n.out.name == "distill_small"]
+        last = last or [n for n in graph if n.stage == "finetune"]
+        report["feature_map"] = pipeline_feature_map(out, last[-1].out, pre_node.config.dataset, pre_node.config.data_dir)
         write_report(out, report, curves)
     log.info(f"pipeline: report written to {out / 'report.md'}")
     return json.loads(json.dumps(report))
@@ -258,6 +270,8 @@ def _row(node: Node, res: dict[str, Any]) -> dict[str, Any]:
     row = {"stage": node.row[0], "model": model_name(meta.model), "params": int(res["params"]),
            "label_fraction": float(node.fraction), "top1": float(res["top1"]), "top5": float(res["top5"]),
            "seconds": float(res["seconds"])}
+    if res.get("val_top1") is not None:  # --val-size: accuracy on the validation images held out of the labels
+        row.update(val_top1=float(res["val_top1"]), val_images=int(res.get("val_images") or 0))
     variant = _variant(node)
     if variant:
         row["variant"] = variant

@@ -42,15 +42,19 @@ def write_report(out: Path, report: dict[str, Any], curves: dict[str, str]) -> N
         lines += [f"Pretraining: {pre.get('model')}, {pre.get('params', 0) / 1e6:.2f}M parameters, "
                   f"{_fmt_time(pre.get('seconds') or 0)}, kNN top-1 on the test split "
                   f"{pre.get('knn_top1') or float('nan'):.2f}%.", ""]
-    lines += ["Top-1 / top-5 accuracy (%) on the test split.", "",
-              "| method | architecture | params | label fraction | top-1 | top-5 | time |",
-              "|---|---|---|---|---|---|---|"]
+    val = [r.get("val_images") for r in report["results"] if r.get("val_top1") is not None]
+    lines += ["Top-1 / top-5 accuracy (%) on the test split"
+              + (f"; validation top-1 on {max(val):,} training images held out of the labelled draw (the "
+                 "split that settings are chosen on)." if val else "."), "",
+              "| method | architecture | params | label fraction | top-1 | top-5 |" + (" val top-1 |" if val else "")
+              + " time |", "|---|---|---|---|---|---|" + ("---|" if val else "") + "---|"]
     for r in report["results"]:
         method = STAGE_NAMES.get(r["stage"], r["stage"])
         if r.get("variant"):
             method += f" ({r['variant']})"
+        v = (f" {r['val_top1']:.2f} |" if r.get("val_top1") is not None else " – |") if val else ""
         lines.append(f"| {method} | {r['model']} | {r['params'] / 1e6:.2f}M | {r['label_fraction'] * 100:g}% | "
-                     f"{r['top1']:.2f} | {r['top5']:.2f} | {_fmt_time(r['seconds'])} |")
+                     f"{r['top1']:.2f} | {r['top5']:.2f} |{v} {_fmt_time(r['seconds'])} |")
     # the stages' own training times add up to what one uninterrupted run takes; this invocation's wall time
     # is less when it reused stages finished earlier
     stages = sum(r.get("seconds") or 0.0 for r in report.get("results", []))
