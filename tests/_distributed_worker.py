@@ -180,10 +180,12 @@ def main() -> None:
         (out / "bn_check.json").write_text(json.dumps(errors, indent=1))
     run_stages(out, start, skip=ONE_PROCESS_ONLY)
     interrupted_then_resumed(out, start)
-    # every rank done with every collective before any tears its process group down: a rank that exits
-    # while its peer still talks to it can abort in gloo ("terminate called without an active exception")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    # every rank done with every collective before any tears its process group down (the library's exit,
+    # as the CLI's): a rank that exits while its peer still talks to it can abort in gloo
+    from simclrv2 import distributed
+
+    distributed.shutdown()
+    assert not torch.distributed.is_initialized()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # the results are written; skip interpreter teardown (where the abort was seen)

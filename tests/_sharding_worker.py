@@ -104,10 +104,12 @@ def main() -> None:
         np.save(out / f"{name}.{rt.rank}.npy", outputs.numpy())
         np.save(out / f"{name}_labels.{rt.rank}.npy", labels.numpy())
     (out / f"compile.{rt.rank}.json").write_text(json.dumps(compiled_ddp_step(rt)))
-    # every rank done with every collective before any tears its process group down: a rank that exits
-    # while its peer still talks to it can abort in gloo ("terminate called without an active exception")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    # every rank done with every collective before any tears its process group down (the library's exit,
+    # as the CLI's): a rank that exits while its peer still talks to it can abort in gloo
+    from simclrv2 import distributed
+
+    distributed.shutdown()
+    assert not torch.distributed.is_initialized()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # the results are written; skip interpreter teardown (where the abort was seen)

@@ -151,3 +151,17 @@ def test_rank_questions_before_and_without_a_process_group(monkeypatch):
     assert distributed.launch_env() == (1, 2, 1, True) and not distributed.is_main_process()
     assert distributed.world() == (0, 1)  # collectives: no group joined, this process alone
 
+
+
+def test_the_cli_leaves_the_process_group_together_only_after_a_success(monkeypatch, capsys):
+    """Each command ends with distributed.shutdown: waiting for every rank after a success, not after a
+    failure (its peers may never arrive at the barrier)."""
+    from simclrv2 import distributed
+    from simclrv2.cli import main
+
+    calls = []
+    monkeypatch.setattr(distributed, "shutdown", lambda wait=True: calls.append(wait))
+    assert main(["presets"]) == 0
+    assert main(["evaluate", "/nonexistent/run"]) == 2
+    assert calls == [True, False]
+    capsys.readouterr()

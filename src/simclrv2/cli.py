@@ -319,6 +319,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     setup_logging(-1 if args.quiet else 1 if args.verbose else 0)
+    rc = None
+    try:
+        rc = _command(args)
+        return rc
+    finally:
+        _leave_process_group(rc == 0)
+
+
+def _leave_process_group(ok: bool) -> None:
+    """Under torchrun: every rank leaves the process group together (after a success) before exiting."""
+    distributed = sys.modules.get("simclrv2.distributed")  # imported only by commands that may have joined one
+    if distributed is not None:
+        distributed.shutdown(wait=ok)
+
+
+def _command(args) -> int:
     try:
         with _unverified(args):
             if args.command == "presets":

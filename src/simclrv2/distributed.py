@@ -56,6 +56,20 @@ def init_process_group(device: torch.device, timeout_s: float) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
 
 
+def shutdown(wait: bool = True) -> None:
+    """Leave torchrun's process group at the end of a command: wait for every rank first (``wait``;
+    a rank that failed does not wait, its peers may never arrive), then destroy the group, so that no
+    rank exits while a peer is still in a collective (gloo then aborts that peer: "terminate called
+    without an active exception")."""
+    if not _initialised():
+        return
+    try:
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of this process: (0, 1) without a process group."""
     if not _initialised():
