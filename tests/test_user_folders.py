@@ -314,32 +314,34 @@ def test_linear_eval_reads_large_frozen_features_through_a_norm(tiny_pretrained,
 
 
 def test_recipe_on_a_users_folders_through_the_cli(digits, tmp_path):
-    """pretrain -> fine-tune -> distill on digit images (mixed sizes, aspect ratios, PNG / JPEG / 12-bit PNG,
-    an unlabeled folder without classes): nothing but the folders and the tiny preset; every label of
-    the labelled folder is used; the models land well above chance (10 classes: 10%)."""
+    """pretrain -> fine-tune -> distill -> export -> onnxruntime on digit images (mixed sizes, aspect ratios,
+    PNG / JPEG / 12-bit PNG, an unlabeled folder without classes), through the CLI with nothing but the
+    folder paths (the default preset, cpu-demo; about a minute): every label of the labelled folder is used;
+    the models land well above chance (10 classes: 10%) and fine-tuning above the supervised baseline;
+    README's ONNX recipe on the raw files gives predict's classes."""
     out = tmp_path / "pipe"
-    rc, text, err = run("pipeline", "--preset", "tiny", *folders(digits, "unlabeled", "labeled", "test"),
-                        "--out", str(out), cwd=tmp_path)
+    rc, text, err = run("pipeline", *folders(digits, "unlabeled", "labeled", "test"), "--out", str(out), cwd=tmp_path)
     assert rc == 0, err
     report = json.loads((out / "report.json").read_text())
     top1 = {r["stage"] if r["stage"] != "distill" else r["variant"]: r["top1"] for r in report["results"]}
-    assert all(r["label_fraction"] == 1.0 for r in report["results"])
+    assert report["preset"] == "cpu-demo" and all(r["label_fraction"] == 1.0 for r in report["results"])
     assert len((out / "labels_1" / "finetune" / "labeled_subset.txt").read_text().split()) == 100
-    assert top1["finetune"] > 40 and top1["self"] > 40 and top1["big-to-small"] > 25, top1
+    assert top1["finetune"] > 50 and top1["self"] > 50, top1
     assert top1["finetune"] > top1["supervised"], top1
     assert "1 channel, 40 px views, 12-bit images scaled by 4095" in err
-    meta = ckpt.read_meta(out / "labels_1" / "distill_self" / "final.safetensors")
+    deployed = out / "labels_1" / "distill_self"
+    meta = ckpt.read_meta(deployed / "final.safetensors")
     assert meta.image_size == 40 and meta.model.in_channels == 1 and meta.bit_depth == 12
-    # evaluate finds the run's own test folder, decoded as the run decoded it
-    rc, text, err = run("evaluate", str(out / "labels_1" / "distill_self"), "--precision", "fp32")
+    # evaluate finds the run's own test folder, decoded as the run decoded it, at the run's precision
+    rc, text, err = run("evaluate", str(deployed))
     assert rc == 0, err
     assert math.isclose(json.loads(text)["top1"], top1["self"], abs_tol=1e-9)
 
-    # handing the deployed student over: export -> README's recipe with onnxruntime on the raw files == predict
-    student, onnx_file = out / "labels_1" / "distill_small", tmp_path / "student.onnx"
-    rc, _, err = run("export", str(student), "--onnx", str(onnx_file), cwd=tmp_path)
+    # handing the deployed model over: export -> README's recipe with onnxruntime on the raw files == predict
+    onnx_file = tmp_path / "model.onnx"
+    rc, _, err = run("export", str(deployed), "--onnx", str(onnx_file), cwd=tmp_path)
     assert rc == 0, err
-    rc, _, err = run("predict", str(student), str(digits / "test"), "--out", str(tmp_path / "preds.csv"), cwd=tmp_path)
+    rc, _, err = run("predict", str(deployed), str(digits / "test"), "--out", str(tmp_path / "preds.csv"), cwd=tmp_path)
     assert rc == 0, err
     with open(tmp_path / "preds.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -347,9 +349,8 @@ def test_recipe_on_a_users_folders_through_the_cli(digits, tmp_path):
     assert len(files) == 150 and {Path(f).suffix for f in files} == {".png", ".jpg"}
     classify = readme_onnx_recipe(onnx_file)
     assert classify(files) == [r["class"] for r in rows]  # every image, 12-bit PNGs and JPEGs included
-    # and the predictions are the student's, not a constant: most test digits right
-    truth = [Path(f).parent.name for f in files]
-    assert sum(a == b for a, b in zip(classify(files), truth)) > 0.25 * len(files)
+    truth = [Path(f).parent.name for f in files]  # and they are the model's predictions: mostly right
+    assert sum(a == b for a, b in zip(classify(files), truth)) > 0.5 * len(files)
 
 
 def readme_onnx_recipe(onnx_file: Path):
