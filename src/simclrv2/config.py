@@ -463,7 +463,7 @@ def _pipeline_choices(preset: dict[str, Any], stage: str, values: dict[str, Any]
     ``finetune_head_layers``, and ``distill_init: teacher`` for self-distillation (a student of the
     teacher's architecture, i.e. none given, starts as its teacher)."""
     by_fraction = {float(k): v for k, v in (preset.get("fractions") or {}).items()}
-    arch_given = bool({"depth", "width", "sk"} & set(explicit))
+    arch_given = bool(set(MODEL_KEYS) & set(explicit))
     students = preset_students(preset)
     section_name = stage
     if stage == "supervised" and preset.get("supervised_model") == "student" and students and not arch_given:
