@@ -92,7 +92,7 @@ def test_a_stage_run_alone_with_a_preset_does_what_the_pipeline_does(preset_name
         ft = make_config("finetune", preset, out="x", pretrained="p", label_fraction=0.1)
         assert ft.head_layer == 0 and ft.epochs == 40 and ft.batch_size == 128
         d = make_config("distill", preset, out="x", teacher="t", label_fraction=0.01)
-        assert (d.width, d.init_from, d.epochs, d.weight_decay) == (0.25, None, 10, 1e-4)
+        assert (d.width, d.init_from, d.epochs, d.weight_decay) == (0.25, None, 15, 1e-4)
         assert make_config("supervised", preset, out="x", label_fraction=0.01).width == 0.25
         assert make_config("pretrain", preset, out="x").width == 0.5
         names = [n.out.name for n in graph if n.fraction == 0.01]
