@@ -347,10 +347,10 @@ def test_recipe_on_a_users_folders_through_the_cli(digits, tmp_path):
         rows = list(csv.DictReader(f))
     files = [r["path"] for r in rows]
     assert len(files) == 150 and {Path(f).suffix for f in files} == {".png", ".jpg"}
-    classify = readme_onnx_recipe(onnx_file)
-    assert classify(files) == [r["class"] for r in rows]  # every image, 12-bit PNGs and JPEGs included
+    classes = readme_onnx_recipe(onnx_file)(files)
+    assert classes == [r["class"] for r in rows]  # every image, 12-bit PNGs and JPEGs included
     truth = [Path(f).parent.name for f in files]  # and they are the model's predictions: mostly right
-    assert sum(a == b for a, b in zip(classify(files), truth)) > 0.5 * len(files)
+    assert sum(a == b for a, b in zip(classes, truth)) > 0.5 * len(files)
 
 
 def readme_onnx_recipe(onnx_file: Path):
