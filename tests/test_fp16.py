@@ -76,7 +76,7 @@ def test_an_overflowing_step_is_skipped_and_the_scale_lowered(setup):
 
 @pytest.mark.slow
 def test_fp16_run_resumes_exactly_with_its_loss_scale(tmp_path):
-    options = dict(epochs=4 * 128 / 1437, batch_size=128, depth=18, width=0.125, temperature=0.5, color_strength=0.5,
+    options = dict(epochs=4 * 64 / 1437, batch_size=64, depth=18, width=0.0625, temperature=0.5, color_strength=0.5,
                    blur=False, crop_min=0.2, knn_every=0, knn_train_size=100, checkpoint_every=1, **TINY)
     pretrain(make_config("pretrain", out=str(tmp_path / "whole"), **options), CPU16)
     whole = ckpt.read_meta(tmp_path / "whole" / "last.safetensors")

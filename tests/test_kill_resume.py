@@ -1,5 +1,5 @@
-"""Kill -9 at a random step, then --resume: exactly the weights of an uninterrupted run (also with
-gradient accumulation, --accumulate 2).
+"""Kill -9 at a random step, then --resume: exactly the weights of an uninterrupted run, with gradient
+accumulation (--accumulate 2; test_reliability's soak kills every stage without it at random instants).
 
 A real process (``python -m simclrv2``) is SIGKILLed once its metrics show a randomly chosen step
 (seeded), at whatever instant that is (mid-step or mid-checkpoint-write), then resumed by a second
@@ -30,14 +30,13 @@ pytestmark = pytest.mark.slow  # multi-process end-to-end: deselect with -m 'not
 
 COMMON = ["--dataset", "digits", "--depth", "18", "--width", "0.0625", "--precision", "fp32", "--epochs", "1",
           "--checkpoint-every", "1", "--log-every", "1", "--min-steps", "0"]
+# the plain supervised and memory-queue pretraining runs are killed at random instants by
+# test_reliability's soak (with the same checks); here, gradient accumulation, whose resume point is a step
+# made of micro-batches
 CASES = {
-    # 721 labeled images / 64 = 11 steps
-    "supervised": ["supervised", *COMMON, "--label-fraction", "0.5", "--batch-size", "64"],
-    # 1437 images / 128 = 11 steps, EMA keys queued as extra negatives
-    "pretrain-memory-queue": ["pretrain", *COMMON, "--batch-size", "128", "--memory-size", "300", "--memory-decay", "0.9",
-                              "--knn-every", "0", "--temperature", "0.5", "--no-blur"],
-    # gradient accumulation: the same runs in 2 micro-batches a step (pretraining's two passes, the queue once a step)
+    # 721 labeled images / 64 = 11 steps, in 2 micro-batches each
     "supervised-accumulate": ["supervised", *COMMON, "--label-fraction", "0.5", "--batch-size", "64", "--accumulate", "2"],
+    # 1437 images / 128 = 11 steps: pretraining's two passes a micro-batch, EMA keys queued as extra negatives once a step
     "pretrain-accumulate": ["pretrain", *COMMON, "--batch-size", "128", "--accumulate", "2", "--memory-size", "300",
                             "--memory-decay", "0.9", "--knn-every", "0", "--temperature", "0.5", "--no-blur"],
 }

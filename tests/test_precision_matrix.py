@@ -29,7 +29,7 @@ from simclrv2.checkpoint import load_model
 
 SIZE = 24  # blur kernel 2 * ((24 // 10) // 2) + 1 = 3 taps: the blur really filters
 MODEL = dict(depth=18, width=0.125)
-COMMON = dict(seed=0, log_every=1000, workers=0, labels_per_class=4)
+COMMON = dict(seed=0, log_every=1000, workers=0, labels_per_class=4, min_steps=0)  # exactly the epochs: a few steps
 
 
 def rgb_folder(root: Path, per_class: int = 12, val: int = 4) -> Path:

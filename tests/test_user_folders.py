@@ -226,16 +226,18 @@ def test_view_transforms_reach_the_stages(tmp_path):
 def test_stem_option_is_recorded_in_the_model(tmp_path):
     opts = ["--dataset", "digits", "--precision", "fp32", "--log-every", "1000"]
     model = ["--depth", "18", "--width", "0.0625"]
-    rc, _, err = run("pretrain", *opts, *model, "--epochs", "1", "--knn-every", "0", "--stem", "imagenet",
+    from test_reliability import run as run_here  # in this process: no interpreter and torch start per command
+
+    rc, err = run_here("pretrain", *opts, *model, "--epochs", "1", "--knn-every", "0", "--stem", "imagenet",
                      "--out", str(tmp_path / "pre"))
     assert rc == 0, err
     spec = ckpt.read_meta(tmp_path / "pre" / "final.safetensors").model
     assert spec.stem_type == "default"  # 16 px digits would get the small stem by default
-    rc, _, err = run("finetune", *opts, "--epochs", "1", "--min-steps", "2", "--pretrained", str(tmp_path / "pre"),
+    rc, err = run_here("finetune", *opts, "--epochs", "1", "--min-steps", "2", "--pretrained", str(tmp_path / "pre"),
                      "--out", str(tmp_path / "ft"))
     assert rc == 0, err
     assert ckpt.read_meta(tmp_path / "ft" / "final.safetensors").model.stem_type == "default"
-    rc, _, err = run("supervised", *opts, *model, "--epochs", "1", "--min-steps", "2", "--out", str(tmp_path / "sup"))
+    rc, err = run_here("supervised", *opts, *model, "--epochs", "1", "--min-steps", "2", "--out", str(tmp_path / "sup"))
     assert rc == 0, err
     assert ckpt.read_meta(tmp_path / "sup" / "final.safetensors").model.stem_type == "small"
     rc, out, err = run("pretrain", "--help")
