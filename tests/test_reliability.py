@@ -586,6 +586,7 @@ def test_results_do_not_depend_on_workers_interruption_or_global_rng(tmp_path):
     (["pretrain", "--width", "1e9"], "--width 1000000000.0 is not supported"),
     (["pretrain", "--memory-size", "-5"], "--memory-size must be between 0 (off) and"),
     (["pretrain", "--head-layers", "9"], "--head-layers 9 is not supported"),
+    (["pretrain", "--depth", "18", "--sk"], "--sk needs a bottleneck ResNet (--depth 50, 101 or 152): depth 18"),
     (["pretrain", "--image-size", "2"], "--image-size must be between"),
     (["pretrain", "--precision", "fp64"], "--precision must be auto, bf16, fp16 or fp32"),
     (["pretrain", "--dataset", "mnist-ish"], "unknown dataset 'mnist-ish'"),
