@@ -320,6 +320,15 @@ def test_checkpoints_of_another_model_are_one_line_errors(models, tmp_path, comm
     assert needle in line and str(models[case]) in line, line
 
 
+def test_sk_for_a_student_of_a_resnet18_teacher_is_a_one_line_error(models, tmp_path):
+    # the student takes the teacher's depth (18): its basic blocks have no selective kernels
+    line = error_line(*run(*_cmd("distill", models["classifier"], tmp_path / "out"), "--sk"))
+    assert "--sk needs a bottleneck ResNet (--depth 50, 101 or 152): depth 18" in line, line
+    assert not (tmp_path / "out" / "last.safetensors").exists()
+    line = error_line(*run("summary", "--depth", "34", "--sk"))
+    assert "--sk needs a bottleneck ResNet" in line and "depth 34" in line, line
+
+
 def test_loading_never_unpickles(models, monkeypatch):
     import pickle
 

@@ -348,8 +348,10 @@ def _command(args) -> int:
                     print("\n".join(f"{n:<{width}}  {preset_description(n)}" for n in names))
                 return 0
             if args.command == "summary":
+                from simclrv2.config import check_sk
                 from simclrv2.models import build_resnet, sk_options
 
+                check_sk(args.depth, args.sk)
                 enc = build_resnet(args.depth, args.width, **sk_options(args.sk))
                 n = sum(p.numel() for p in enc.parameters())
                 print(f"ResNet-{args.depth} {args.width}x{' +SK' if args.sk else ''}: {n / 1e6:.2f}M parameters, {enc.out_dim}-d features")

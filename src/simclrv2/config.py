@@ -210,6 +210,13 @@ def _check_types(cfg: RunConfig) -> None:
         setattr(cfg, f.name, v)
 
 
+def check_sk(depth: int, sk: bool | None) -> None:
+    """``--sk`` asks for selective kernels, which only the bottleneck blocks of ResNet-50/101/152 have
+    (models/resnet.py): on ResNet-18/34 it would quietly give only the ResNet-D shortcuts."""
+    if sk and depth < 50:
+        raise ConfigError(f"--sk needs a bottleneck ResNet (--depth 50, 101 or 152): depth {depth} has no selective kernels")
+
+
 def validate(cfg: RunConfig) -> None:
     """Cheap checks of option values, before any work starts."""
     def bad(opt, msg):
@@ -309,10 +316,8 @@ def validate(cfg: RunConfig) -> None:
         d = getattr(cfg, name, None)
         if d is not None and d not in (18, 34, 50, 101, 152):
             bad(name, f"{d} is not supported; expected one of 18, 34, 50, 101, 152")
-        if getattr(cfg, "sk", None) and d is not None and d < 50:
-            # the basic blocks of ResNet-18/34 have no SK variant (models/resnet.py): without this, --sk would
-            # quietly give only the ResNet-D shortcuts
-            bad("sk", f"needs a bottleneck ResNet (--depth 50, 101 or 152): depth {d} has no selective kernels")
+        if d is not None:
+            check_sk(d, getattr(cfg, "sk", None))
     w = getattr(cfg, "width", None)
     if w is not None and not (0 < w <= MAX_WIDTH and round(64 * w) >= 1):
         bad("width", f"{w} is not supported; expected a positive multiplier up to {MAX_WIDTH:g}, such as 0.25, 1, 2, 3")

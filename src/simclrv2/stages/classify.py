@@ -19,7 +19,7 @@ from torch import nn
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.config import (EVALUATE_DEFAULTS, DistillConfig, FinetuneConfig, LinearEvalConfig, RunConfig,
-                             SupervisedConfig)
+                             SupervisedConfig, check_sk)
 from simclrv2.data import subset
 from simclrv2.data.augment import EvalTransform, FinetuneAugment, active_view_transforms
 from simclrv2.distributed import global_count_share, wrap_model
@@ -251,6 +251,7 @@ def distill(cfg: DistillConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     depth = cfg.depth or tspec.depth
     width = cfg.width or tspec.width
     sk = tspec.selective_kernel if cfg.sk is None else cfg.sk  # the presets' sk: all three SK-ResNet options
+    check_sk(depth, sk)  # a student of the teacher's depth 18/34 asked for --sk
     same = (depth, width, sk) == (tspec.depth, tspec.width, tspec.selective_kernel)
     tau = cfg.temperature if cfg.temperature is not None else (0.1 if same else 1.0)
     spec = model_spec("classifier", depth=depth, width=width, sk=sk, small_images=data.small_images,
