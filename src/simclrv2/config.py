@@ -219,9 +219,7 @@ def check_sk(depth: int, sk: bool | None) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Cheap checks of option values, before any work starts."""
-    def bad(opt, msg):
-        raise ConfigError(f"--{opt.replace('_', '-')} {msg}")
-
+    bad = _bad
     if isinstance(cfg.bit_depth, int) and not isinstance(cfg.bit_depth, bool):  # --set bit_depth=12 (YAML int)
         cfg.bit_depth = str(cfg.bit_depth)
     _check_types(cfg)
@@ -281,10 +279,9 @@ def validate(cfg: RunConfig) -> None:
         bad("warmup_fraction", f"must be in [0, 1), got {cfg.warmup_fraction}")
     if cfg.weight_decay < 0:
         bad("weight_decay", f"must be >= 0, got {cfg.weight_decay}")
-    for name in ("temperature",):
-        t = getattr(cfg, name, None)
-        if t is not None and t <= 0:
-            bad(name, f"must be > 0, got {t}")
+    t = getattr(cfg, "temperature", None)
+    if t is not None and t <= 0:
+        bad("temperature", f"must be > 0, got {t}")
     if getattr(cfg, "crop_min", 0.5) is not None and not 0 < getattr(cfg, "crop_min", 0.5) <= 1:
         bad("crop_min", f"must be in (0, 1], got {cfg.crop_min}")
     if isinstance(cfg, DistillConfig) and not 0 <= cfg.alpha <= 1:
@@ -295,29 +292,41 @@ def validate(cfg: RunConfig) -> None:
     if head_layer is not None and not 0 <= head_layer <= 4:
         bad("head_layer", f"{head_layer} is not available; expected 0 to 4 (at most the pretrained head's layers)")
     if isinstance(cfg, PretrainConfig):
-        if not 0 <= cfg.head_layers <= 4:
-            bad("head_layers", f"{cfg.head_layers} is not supported; expected 0 to 4")
-        for name in ("proj_dim", "knn_k", "knn_train_size"):
-            if getattr(cfg, name) < 1:
-                bad(name, f"must be >= 1, got {getattr(cfg, name)}")
-        if cfg.proj_dim > 65536:
-            bad("proj_dim", f"must be at most 65536, got {cfg.proj_dim}")
-        if cfg.knn_every < 0:
-            bad("knn_every", f"must be >= 0, got {cfg.knn_every}")
-        if cfg.color_strength < 0:
-            bad("color_strength", f"must be >= 0, got {cfg.color_strength}")
-        if not 0 <= cfg.memory_size <= 2**24:
-            bad("memory_size", f"must be between 0 (off) and {2**24}, got {cfg.memory_size}")
-        if not 0 <= cfg.memory_decay < 1:
-            bad("memory_decay", f"must be in [0, 1), got {cfg.memory_decay}")
-        if not 0 <= cfg.probe_lr_scale <= 1e3:
-            bad("probe_lr_scale", f"must be between 0 and 1000, got {cfg.probe_lr_scale}")
-    for name in ("depth",):
-        d = getattr(cfg, name, None)
-        if d is not None and d not in (18, 34, 50, 101, 152):
-            bad(name, f"{d} is not supported; expected one of 18, 34, 50, 101, 152")
-        if d is not None:
-            check_sk(d, getattr(cfg, "sk", None))
+        _validate_pretrain(cfg, bad)
+    _validate_model(cfg, bad)
+
+
+def _bad(opt: str, msg: str) -> None:
+    raise ConfigError(f"--{opt.replace('_', '-')} {msg}")
+
+
+def _validate_pretrain(cfg: PretrainConfig, bad) -> None:
+    if not 0 <= cfg.head_layers <= 4:
+        bad("head_layers", f"{cfg.head_layers} is not supported; expected 0 to 4")
+    for name in ("proj_dim", "knn_k", "knn_train_size"):
+        if getattr(cfg, name) < 1:
+            bad(name, f"must be >= 1, got {getattr(cfg, name)}")
+    if cfg.proj_dim > 65536:
+        bad("proj_dim", f"must be at most 65536, got {cfg.proj_dim}")
+    if cfg.knn_every < 0:
+        bad("knn_every", f"must be >= 0, got {cfg.knn_every}")
+    if cfg.color_strength < 0:
+        bad("color_strength", f"must be >= 0, got {cfg.color_strength}")
+    if not 0 <= cfg.memory_size <= 2**24:
+        bad("memory_size", f"must be between 0 (off) and {2**24}, got {cfg.memory_size}")
+    if not 0 <= cfg.memory_decay < 1:
+        bad("memory_decay", f"must be in [0, 1), got {cfg.memory_decay}")
+    if not 0 <= cfg.probe_lr_scale <= 1e3:
+        bad("probe_lr_scale", f"must be between 0 and 1000, got {cfg.probe_lr_scale}")
+
+
+def _validate_model(cfg: RunConfig, bad) -> None:
+    """The encoder options of the stages that build one (a distillation student's may be None: the teacher's)."""
+    d = getattr(cfg, "depth", None)
+    if d is not None:
+        if d not in (18, 34, 50, 101, 152):
+            bad("depth", f"{d} is not supported; expected one of 18, 34, 50, 101, 152")
+        check_sk(d, getattr(cfg, "sk", None))
     w = getattr(cfg, "width", None)
     if w is not None and not (0 < w <= MAX_WIDTH and round(64 * w) >= 1):
         bad("width", f"{w} is not supported; expected a positive multiplier up to {MAX_WIDTH:g}, such as 0.25, 1, 2, 3")
