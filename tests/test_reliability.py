@@ -329,6 +329,14 @@ def test_sk_for_a_student_of_a_resnet18_teacher_is_a_one_line_error(models, tmp_
     assert "--sk needs a bottleneck ResNet" in line and "depth 34" in line, line
 
 
+def test_a_resnet18_student_of_an_sk_teacher_needs_no_sk(tmp_path):
+    # --sk not asked for: the student of an SK ResNet-50 teacher is a ResNet-18 as before, not an error
+    teacher = Path(__file__).resolve().parent / "fixtures" / "checkpoints_v1" / "supervised_sk.safetensors"
+    rc, text = run(*digits_args("distill", tmp_path / "out", "--teacher", str(teacher), "--epochs", "0.1"))
+    assert rc == 0, text
+    assert ckpt.read_meta(tmp_path / "out" / "final.safetensors").model.depth == 18
+
+
 def test_loading_never_unpickles(models, monkeypatch):
     import pickle
 

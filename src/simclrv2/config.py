@@ -206,130 +206,129 @@ def _check_types(cfg: RunConfig) -> None:
             ok = isinstance(v, str)
         if not ok:
             expected = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}.get(base, base)
-            raise ConfigError(f"--{f.name.replace('_', '-')} must be {expected}, got {v!r}")
+            _bad(f.name, f"must be {expected}, got {v!r}")
         setattr(cfg, f.name, v)
-
-
-def check_sk(depth: int, sk: bool | None) -> None:
-    """``--sk`` asks for selective kernels, which only the bottleneck blocks of ResNet-50/101/152 have
-    (models/resnet.py): on ResNet-18/34 it would quietly give only the ResNet-D shortcuts."""
-    if sk and depth < 50:
-        raise ConfigError(f"--sk needs a bottleneck ResNet (--depth 50, 101 or 152): depth {depth} has no selective kernels")
-
-
-def validate(cfg: RunConfig) -> None:
-    """Cheap checks of option values, before any work starts."""
-    bad = _bad
-    if isinstance(cfg.bit_depth, int) and not isinstance(cfg.bit_depth, bool):  # --set bit_depth=12 (YAML int)
-        cfg.bit_depth = str(cfg.bit_depth)
-    _check_types(cfg)
-    for f in fields(cfg):  # numbers must be numbers: no NaN or infinity
-        v = getattr(cfg, f.name)
-        if isinstance(v, float) and not math.isfinite(v):
-            bad(f.name, f"must be a finite number, got {v}")
-    if not 0 <= cfg.seed < 2**63:
-        bad("seed", f"must be in [0, 2**63), got {cfg.seed}")
-    if not 0 <= cfg.workers <= 256:
-        bad("workers", f"must be between 0 and 256, got {cfg.workers}")
-    for name in ("checkpoint_every", "log_every", "eval_batch_size"):
-        if getattr(cfg, name) < 1:
-            bad(name, f"must be >= 1, got {getattr(cfg, name)}")
-    if cfg.bit_depth not in BIT_DEPTH_CHOICES:
-        bad("bit_depth", f"must be one of {', '.join(BIT_DEPTH_CHOICES)}, got {cfg.bit_depth!r}")
-    if not 1 <= cfg.decode_scale <= 8:
-        bad("decode_scale", f"must be between 1 and 8 (times --image-size), got {cfg.decode_scale}")
-    if cfg.image_cache_gb < 0:
-        bad("image_cache_gb", f"must be >= 0 (0: no cache), got {cfg.image_cache_gb}")
-    if getattr(cfg, "stem", "auto") not in STEMS:
-        bad("stem", f"must be one of {', '.join(STEMS)}, got {cfg.stem!r}")
-    if getattr(cfg, "feature_norm", "auto") not in FEATURE_NORMS:
-        bad("feature_norm", f"must be one of {', '.join(FEATURE_NORMS)}, got {cfg.feature_norm!r}")
-    if getattr(cfg, "min_steps", 0) < 0:
-        bad("min_steps", f"must be >= 0, got {cfg.min_steps}")
-    if cfg.image_size is not None and not 8 <= cfg.image_size <= 4096:
-        bad("image_size", f"must be between 8 and 4096, got {cfg.image_size}")
-    if cfg.epochs > MAX_EPOCHS:
-        bad("epochs", f"must be at most {MAX_EPOCHS}, got {cfg.epochs}")
-    if cfg.label_fraction is not None and not 0 < cfg.label_fraction <= 1:
-        bad("label_fraction", f"must be in (0, 1], got {cfg.label_fraction}")
-    if cfg.val_size < 0:
-        bad("val_size", f"must be >= 0, got {cfg.val_size}")
-    if cfg.labels_per_class is not None and cfg.labels_per_class < 1:
-        bad("labels_per_class", f"must be >= 1, got {cfg.labels_per_class}")
-    if cfg.epochs <= 0:
-        bad("epochs", f"must be > 0, got {cfg.epochs}")
-    if cfg.batch_size < 2:
-        bad("batch_size", f"must be >= 2, got {cfg.batch_size}")
-    if cfg.accumulate < 1:
-        bad("accumulate", f"must be >= 1 (1: no accumulation), got {cfg.accumulate}")
-    if cfg.batch_size % cfg.accumulate:
-        bad("accumulate", f"{cfg.accumulate} does not divide --batch-size {cfg.batch_size} into equal micro-batches; "
-                          f"expected a divisor of {cfg.batch_size}")
-    if cfg.lr < 0:
-        bad("lr", f"must be >= 0, got {cfg.lr}")
-    if cfg.lr_scaling not in ("sqrt", "linear", "none"):
-        bad("lr_scaling", f"must be sqrt, linear or none, got {cfg.lr_scaling!r}")
-    if cfg.optimizer not in ("lars", "sgd"):
-        bad("optimizer", f"must be lars or sgd, got {cfg.optimizer!r}")
-    if cfg.precision not in PRECISIONS:
-        bad("precision", f"must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, got {cfg.precision!r}")
-    if not 0 < cfg.dist_timeout <= 7 * 86400:
-        bad("dist_timeout", f"must be between 0 and 604800 seconds, got {cfg.dist_timeout}")
-    if not 0 <= cfg.warmup_fraction < 1:
-        bad("warmup_fraction", f"must be in [0, 1), got {cfg.warmup_fraction}")
-    if cfg.weight_decay < 0:
-        bad("weight_decay", f"must be >= 0, got {cfg.weight_decay}")
-    t = getattr(cfg, "temperature", None)
-    if t is not None and t <= 0:
-        bad("temperature", f"must be > 0, got {t}")
-    if getattr(cfg, "crop_min", 0.5) is not None and not 0 < getattr(cfg, "crop_min", 0.5) <= 1:
-        bad("crop_min", f"must be in (0, 1], got {cfg.crop_min}")
-    if isinstance(cfg, DistillConfig) and not 0 <= cfg.alpha <= 1:
-        bad("alpha", f"must be in [0, 1], got {cfg.alpha}")
-    if not 0 <= getattr(cfg, "pad_crop", 0) <= 64:
-        bad("pad_crop", f"must be between 0 and 64 pixels, got {cfg.pad_crop}")
-    head_layer = getattr(cfg, "head_layer", None)
-    if head_layer is not None and not 0 <= head_layer <= 4:
-        bad("head_layer", f"{head_layer} is not available; expected 0 to 4 (at most the pretrained head's layers)")
-    if isinstance(cfg, PretrainConfig):
-        _validate_pretrain(cfg, bad)
-    _validate_model(cfg, bad)
 
 
 def _bad(opt: str, msg: str) -> None:
     raise ConfigError(f"--{opt.replace('_', '-')} {msg}")
 
 
-def _validate_pretrain(cfg: PretrainConfig, bad) -> None:
+def check_sk(depth: int, sk: bool | None) -> None:
+    """``--sk`` asks for selective kernels, which only the bottleneck blocks of ResNet-50/101/152 have
+    (models/resnet.py): on ResNet-18/34 it would quietly give only the ResNet-D shortcuts."""
+    if sk and depth < 50:
+        _bad("sk", f"needs a bottleneck ResNet (--depth 50, 101 or 152): depth {depth} has no selective kernels")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cheap checks of option values, before any work starts."""
+    if isinstance(cfg.bit_depth, int) and not isinstance(cfg.bit_depth, bool):  # --set bit_depth=12 (YAML int)
+        cfg.bit_depth = str(cfg.bit_depth)
+    _check_types(cfg)
+    for f in fields(cfg):  # numbers must be numbers: no NaN or infinity
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            _bad(f.name, f"must be a finite number, got {v}")
+    if not 0 <= cfg.seed < 2**63:
+        _bad("seed", f"must be in [0, 2**63), got {cfg.seed}")
+    if not 0 <= cfg.workers <= 256:
+        _bad("workers", f"must be between 0 and 256, got {cfg.workers}")
+    for name in ("checkpoint_every", "log_every", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            _bad(name, f"must be >= 1, got {getattr(cfg, name)}")
+    if cfg.bit_depth not in BIT_DEPTH_CHOICES:
+        _bad("bit_depth", f"must be one of {', '.join(BIT_DEPTH_CHOICES)}, got {cfg.bit_depth!r}")
+    if not 1 <= cfg.decode_scale <= 8:
+        _bad("decode_scale", f"must be between 1 and 8 (times --image-size), got {cfg.decode_scale}")
+    if cfg.image_cache_gb < 0:
+        _bad("image_cache_gb", f"must be >= 0 (0: no cache), got {cfg.image_cache_gb}")
+    if getattr(cfg, "stem", "auto") not in STEMS:
+        _bad("stem", f"must be one of {', '.join(STEMS)}, got {cfg.stem!r}")
+    if getattr(cfg, "feature_norm", "auto") not in FEATURE_NORMS:
+        _bad("feature_norm", f"must be one of {', '.join(FEATURE_NORMS)}, got {cfg.feature_norm!r}")
+    if getattr(cfg, "min_steps", 0) < 0:
+        _bad("min_steps", f"must be >= 0, got {cfg.min_steps}")
+    if cfg.image_size is not None and not 8 <= cfg.image_size <= 4096:
+        _bad("image_size", f"must be between 8 and 4096, got {cfg.image_size}")
+    if cfg.epochs > MAX_EPOCHS:
+        _bad("epochs", f"must be at most {MAX_EPOCHS}, got {cfg.epochs}")
+    if cfg.label_fraction is not None and not 0 < cfg.label_fraction <= 1:
+        _bad("label_fraction", f"must be in (0, 1], got {cfg.label_fraction}")
+    if cfg.val_size < 0:
+        _bad("val_size", f"must be >= 0, got {cfg.val_size}")
+    if cfg.labels_per_class is not None and cfg.labels_per_class < 1:
+        _bad("labels_per_class", f"must be >= 1, got {cfg.labels_per_class}")
+    if cfg.epochs <= 0:
+        _bad("epochs", f"must be > 0, got {cfg.epochs}")
+    if cfg.batch_size < 2:
+        _bad("batch_size", f"must be >= 2, got {cfg.batch_size}")
+    if cfg.accumulate < 1:
+        _bad("accumulate", f"must be >= 1 (1: no accumulation), got {cfg.accumulate}")
+    if cfg.batch_size % cfg.accumulate:
+        _bad("accumulate", f"{cfg.accumulate} does not divide --batch-size {cfg.batch_size} into equal micro-batches; "
+                          f"expected a divisor of {cfg.batch_size}")
+    if cfg.lr < 0:
+        _bad("lr", f"must be >= 0, got {cfg.lr}")
+    if cfg.lr_scaling not in ("sqrt", "linear", "none"):
+        _bad("lr_scaling", f"must be sqrt, linear or none, got {cfg.lr_scaling!r}")
+    if cfg.optimizer not in ("lars", "sgd"):
+        _bad("optimizer", f"must be lars or sgd, got {cfg.optimizer!r}")
+    if cfg.precision not in PRECISIONS:
+        _bad("precision", f"must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, got {cfg.precision!r}")
+    if not 0 < cfg.dist_timeout <= 7 * 86400:
+        _bad("dist_timeout", f"must be between 0 and 604800 seconds, got {cfg.dist_timeout}")
+    if not 0 <= cfg.warmup_fraction < 1:
+        _bad("warmup_fraction", f"must be in [0, 1), got {cfg.warmup_fraction}")
+    if cfg.weight_decay < 0:
+        _bad("weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    t = getattr(cfg, "temperature", None)
+    if t is not None and t <= 0:
+        _bad("temperature", f"must be > 0, got {t}")
+    if getattr(cfg, "crop_min", 0.5) is not None and not 0 < getattr(cfg, "crop_min", 0.5) <= 1:
+        _bad("crop_min", f"must be in (0, 1], got {cfg.crop_min}")
+    if isinstance(cfg, DistillConfig) and not 0 <= cfg.alpha <= 1:
+        _bad("alpha", f"must be in [0, 1], got {cfg.alpha}")
+    if not 0 <= getattr(cfg, "pad_crop", 0) <= 64:
+        _bad("pad_crop", f"must be between 0 and 64 pixels, got {cfg.pad_crop}")
+    head_layer = getattr(cfg, "head_layer", None)
+    if head_layer is not None and not 0 <= head_layer <= 4:
+        _bad("head_layer", f"{head_layer} is not available; expected 0 to 4 (at most the pretrained head's layers)")
+    if isinstance(cfg, PretrainConfig):
+        _validate_pretrain(cfg)
+    _validate_model(cfg)
+
+
+def _validate_pretrain(cfg: PretrainConfig) -> None:
     if not 0 <= cfg.head_layers <= 4:
-        bad("head_layers", f"{cfg.head_layers} is not supported; expected 0 to 4")
+        _bad("head_layers", f"{cfg.head_layers} is not supported; expected 0 to 4")
     for name in ("proj_dim", "knn_k", "knn_train_size"):
         if getattr(cfg, name) < 1:
-            bad(name, f"must be >= 1, got {getattr(cfg, name)}")
+            _bad(name, f"must be >= 1, got {getattr(cfg, name)}")
     if cfg.proj_dim > 65536:
-        bad("proj_dim", f"must be at most 65536, got {cfg.proj_dim}")
+        _bad("proj_dim", f"must be at most 65536, got {cfg.proj_dim}")
     if cfg.knn_every < 0:
-        bad("knn_every", f"must be >= 0, got {cfg.knn_every}")
+        _bad("knn_every", f"must be >= 0, got {cfg.knn_every}")
     if cfg.color_strength < 0:
-        bad("color_strength", f"must be >= 0, got {cfg.color_strength}")
+        _bad("color_strength", f"must be >= 0, got {cfg.color_strength}")
     if not 0 <= cfg.memory_size <= 2**24:
-        bad("memory_size", f"must be between 0 (off) and {2**24}, got {cfg.memory_size}")
+        _bad("memory_size", f"must be between 0 (off) and {2**24}, got {cfg.memory_size}")
     if not 0 <= cfg.memory_decay < 1:
-        bad("memory_decay", f"must be in [0, 1), got {cfg.memory_decay}")
+        _bad("memory_decay", f"must be in [0, 1), got {cfg.memory_decay}")
     if not 0 <= cfg.probe_lr_scale <= 1e3:
-        bad("probe_lr_scale", f"must be between 0 and 1000, got {cfg.probe_lr_scale}")
+        _bad("probe_lr_scale", f"must be between 0 and 1000, got {cfg.probe_lr_scale}")
 
 
-def _validate_model(cfg: RunConfig, bad) -> None:
+def _validate_model(cfg: RunConfig) -> None:
     """The encoder options of the stages that build one (a distillation student's may be None: the teacher's)."""
     d = getattr(cfg, "depth", None)
     if d is not None:
         if d not in (18, 34, 50, 101, 152):
-            bad("depth", f"{d} is not supported; expected one of 18, 34, 50, 101, 152")
+            _bad("depth", f"{d} is not supported; expected one of 18, 34, 50, 101, 152")
         check_sk(d, getattr(cfg, "sk", None))
     w = getattr(cfg, "width", None)
     if w is not None and not (0 < w <= MAX_WIDTH and round(64 * w) >= 1):
-        bad("width", f"{w} is not supported; expected a positive multiplier up to {MAX_WIDTH:g}, such as 0.25, 1, 2, 3")
+        _bad("width", f"{w} is not supported; expected a positive multiplier up to {MAX_WIDTH:g}, such as 0.25, 1, 2, 3")
 
 
 # ---------------------------------------------------------------- commands that use trained models

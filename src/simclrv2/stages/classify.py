@@ -245,13 +245,13 @@ def distill(cfg: DistillConfig, rt: Runtime, run: StageRun) -> dict[str, Any]:
     out = run.out
     teacher, tmeta = load_model(cfg.teacher, "classifier")
     tspec = tmeta.model
+    depth = cfg.depth or tspec.depth
+    check_sk(depth, cfg.sk)  # before any data work: --sk asked for a student of its teacher's depth 18/34
     data = prepare_data(cfg, out if rt.is_main else None)
     _classes_needed("distill", cfg, data, data.all_images())
     check_compatible(tmeta, data, ckpt.resolve(cfg.teacher))
-    depth = cfg.depth or tspec.depth
     width = cfg.width or tspec.width
     sk = tspec.selective_kernel if cfg.sk is None else cfg.sk  # the presets' sk: all three SK-ResNet options
-    check_sk(depth, sk)  # a student of the teacher's depth 18/34 asked for --sk
     same = (depth, width, sk) == (tspec.depth, tspec.width, tspec.selective_kernel)
     tau = cfg.temperature if cfg.temperature is not None else (0.1 if same else 1.0)
     spec = model_spec("classifier", depth=depth, width=width, sk=sk, small_images=data.small_images,
